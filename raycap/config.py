@@ -1,0 +1,129 @@
+"""Per-job configuration dataclasses with a comment on each default; `validate` raises ValueError early."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from raycap.images import DEFAULT_MAX_PIXELS
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    return value
+
+
+def _check_weights(weights: str) -> None:
+    if weights not in ("imagenet", "random") and not weights.startswith("s3://") and not os.path.isfile(weights):
+        raise ValueError(f"--encoder-weights must be imagenet, random or an existing file, got {weights!r}")
+
+
+@dataclass
+class PipelineConfig:
+    """Settings shared by the two image pipelines (extract and caption)."""
+
+    input: str  # folder or s3:// prefix of images (recursive; images recognised by content)
+    output: str  # output root; rerunning into the same root resumes
+    shard_size: int = 256  # images per output shard: the unit of retry, resume and file
+    batch_size: int | None = None  # images per model forward; None: 32 on CPU, 128 on GPU
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on GPUs and on CPUs with native bf16)
+    actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    max_errors: int | None = None  # fail fast after this many bad images (None: never)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before decoding (decompression bombs)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to s3fs/fsspec
+    address: str | None = None  # Ray address; None starts an embedded local Ray
+
+    def validate(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.actors is not None and not (1 <= self.actors[0] <= self.actors[1]):
+            raise ValueError(f"--actors must be N or MIN:MAX with 1 <= MIN <= MAX, got {self.actors}")
+        if self.max_errors is not None and self.max_errors < 0:
+            raise ValueError("--max-errors must be >= 0")
+        if self.max_pixels < 1:
+            raise ValueError("--max-pixels must be >= 1")
+        if os.path.abspath(self.input) == os.path.abspath(self.output) and "://" not in self.input:
+            raise ValueError("--output must differ from --input")
+
+
+@dataclass
+class ExtractConfig(PipelineConfig):
+    encoder_weights: str = "imagenet"  # imagenet | random | PATH to a state dict
+    feature_dtype: str = "float16"  # storage dtype of the 64x2048 tensors (float16 halves the bytes)
+    compression: str = "none"  # Parquet compression of feature shards (features barely compress; see bench)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_weights(self.encoder_weights)
+        if self.feature_dtype not in ("float16", "float32"):
+            raise ValueError(f"--feature-dtype must be float16 or float32, got {self.feature_dtype!r}")
+
+
+@dataclass
+class CaptionConfig(PipelineConfig):
+    model: str = ""  # a model directory written by `raycap train`
+    beam_size: int = 3  # beams per image; 1 is greedy decoding
+    max_length: int = 20  # words per caption at most
+    length_penalty: float = 1.0  # beam score = log-prob / length**penalty
+    shard_size: int = 256  # images per output shard
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise ValueError("--model is required")
+        if self.beam_size < 1:
+            raise ValueError(f"--beam-size must be >= 1, got {self.beam_size}")
+        if self.max_length < 1:
+            raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
+
+
+@dataclass
+class TrainConfig:
+    features: str  # output root of `raycap extract`
+    captions: str  # COCO captions JSON, or CSV/Parquet of (file_name or path, caption)
+    output: str  # model directory to write; rerunning with the same output resumes
+    split_file: str | None = None  # splits.json with train/val file names; None: a seeded 95/5 split by image
+    epochs: int = 5  # passes over the training images
+    workers: int = 2  # DDP workers (one GPU each when the cluster has GPUs)
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    batch_size: int = 64  # images per worker per step (each brings all its captions)
+    learning_rate: float = 2e-3  # Adam peak learning rate (after warm-up, cosine decay to 10%)
+    warmup_steps: int = 50  # linear warm-up steps
+    grad_clip: float = 5.0  # clip the global gradient norm
+    attention_penalty: float = 0.0  # doubly stochastic attention λ (Show, Attend and Tell); 0 = tutorial
+    vocab_size: int = 5000  # top-k words incl. specials
+    max_caption_length: int = 30  # words per training caption at most (longer ones are cut)
+    max_captions: int | None = None  # keep at most this many captions (seeded), the tutorial's subset
+    embedding_dim: int = 256  # E
+    units: int = 512  # H
+    seed: int = 0  # shuffling, splits, init
+    max_failures: int = 2  # restarts from the last checkpoint when a worker dies
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None  # Ray address; None starts an embedded local Ray
+
+    def validate(self) -> None:
+        for name in ("epochs", "workers", "batch_size", "vocab_size", "max_caption_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError("--learning-rate must be > 0")
+        if self.attention_penalty < 0:
+            raise ValueError("--attention-penalty must be >= 0")
+        if "://" not in self.captions and not os.path.isfile(self.captions):
+            raise ValueError(f"--captions: no such file {self.captions!r}")
+        if self.split_file and not os.path.isfile(self.split_file):
+            raise ValueError(f"--split-file: no such file {self.split_file!r}")

@@ -1,0 +1,159 @@
+"""InceptionV3 feature extractor: weights (imagenet | random | path), preprocessing, device, dtype, layout."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from raycap.schema import FEATURE_DIM, NUM_REGIONS
+
+WEIGHT_CHOICES = ("imagenet", "random", "a path to a state dict (.safetensors or .pt/.pth)")
+RANDOM_SEED = 0  # `random` weights are a pure function of this seed, so every actor builds the same encoder
+_LAST_CONV = "Mixed_7c"
+_HEAD = ("AuxLogits", "avgpool", "dropout", "fc")
+
+
+def preprocess(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 299, 299, 3) -> float (B, 3, 299, 299) in [-1, 1].
+
+    This is what InceptionV3's original (TensorFlow) weights expect and what the TF tutorial feeds.
+    torchvision's IMAGENET1K_V1 weights are those weights: their transform normalises with the ImageNet
+    mean/std and the model's `transform_input=True` maps that back to (x - 0.5) / 0.5, i.e. [-1, 1].
+    We skip the round trip (transform_input=False) and scale directly; tests pin the equivalence.
+    """
+    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 on CUDA or a CPU with native bf16, fp32 otherwise."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
+
+
+def _inception_trunk(weights: str) -> nn.Sequential:
+    """InceptionV3 from the stem to Mixed_7c, as a Sequential (the 8x8x2048 last conv block)."""
+    if weights == "imagenet":
+        try:
+            full = torchvision.models.inception_v3(weights=torchvision.models.Inception_V3_Weights.IMAGENET1K_V1)
+        except Exception as e:  # noqa: BLE001 - any download failure is one user-facing message
+            raise ValueError(
+                f"could not load torchvision's ImageNet InceptionV3 weights ({type(e).__name__}); on a machine "
+                "without internet pass --encoder-weights PATH to a saved state dict, or --encoder-weights random"
+            ) from None
+    else:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(RANDOM_SEED)
+        try:
+            full = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        if weights != "random":
+            full.load_state_dict(_load_state_dict(weights), strict=False)
+    full.transform_input = False
+    layers = OrderedDict()
+    for name, module in full.named_children():
+        if name in _HEAD:
+            continue
+        layers[name] = module
+        if name == _LAST_CONV:
+            break
+    return nn.Sequential(layers)
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise ValueError(f"--encoder-weights: no such file {path!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never pickled code
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--encoder-weights: cannot read {path!r}: {type(e).__name__}: {e}") from None
+    if not any(k.startswith("Mixed_7c.") for k in state):
+        raise ValueError(f"--encoder-weights: {path!r} is not an InceptionV3 state dict (no Mixed_7c weights)")
+    return state
+
+
+@torch.no_grad()
+def _calibrate_random(trunk: nn.Sequential) -> None:
+    """Give a randomly initialised trunk sane activation scales.
+
+    With torchvision's init and identity BatchNorm statistics, activations grow ~10x per block and
+    overflow float16 by Mixed_7c. One deterministic forward pass in training mode over smooth seeded
+    noise sets every BatchNorm's running mean/variance (momentum=None: a plain average), so each
+    block's output is normalised, as a trained network's would be.
+    """
+    gen = torch.Generator().manual_seed(RANDOM_SEED)
+    low = torch.rand(16, 3, 10, 10, generator=gen) * 2 - 1
+    images = nn.functional.interpolate(low, size=(299, 299), mode="bilinear", align_corners=False)
+    for m in trunk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    trunk.train()
+    trunk(images)
+    trunk.eval()
+
+
+class FeatureExtractor:
+    """uint8 images in, (B, 64, 2048) region features out; the model lives on one device in one layout."""
+
+    def __init__(
+        self,
+        weights: str = "imagenet",
+        device: str | None = None,
+        precision: str = "auto",
+        batch_size: int = 32,
+        channels_last: bool = True,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(precision, self.device)
+        self.batch_size = batch_size
+        self.weights = weights
+        trunk = _inception_trunk(weights)
+        if weights == "random":
+            _calibrate_random(trunk)
+        trunk = trunk.eval().to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.trunk = trunk.to(memory_format=self.memory_format)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, 299, 299, 3) uint8 -> (B, 64, 2048) float32 on this extractor's device."""
+        pixels = torch.as_tensor(pixels)
+        outputs = []
+        for i in range(0, len(pixels), self.batch_size):
+            chunk = pixels[i : i + self.batch_size].to(self.device, non_blocking=True)  # uint8 over the bus
+            x = preprocess(chunk).contiguous(memory_format=self.memory_format)
+            with self._autocast():
+                y = self.trunk(x)  # (b, 2048, 8, 8)
+            outputs.append(y.float().flatten(2).transpose(1, 2))  # (b, 64, 2048), regions row-major
+        if not outputs:
+            return torch.zeros(0, NUM_REGIONS, FEATURE_DIM, device=self.device)
+        return torch.cat(outputs)

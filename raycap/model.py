@@ -1,0 +1,259 @@
+"""The Show, Attend and Tell captioner: FC encoder, Bahdanau attention, GRU decoder, loss, greedy and beam search."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raycap.schema import FEATURE_DIM, NUM_REGIONS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 5000  # top-k words incl. <pad>, <unk>, <start>, <end> (the tutorial's 5,000)
+    feature_dim: int = FEATURE_DIM  # InceptionV3 Mixed_7c channels
+    embedding_dim: int = 256  # E: the FC encoder's output and the word embedding size (tutorial: 256)
+    units: int = 512  # H: GRU units, also the attention's hidden size (tutorial: 512)
+    dropout: float = 0.0  # on the GRU output before the FC layers; 0 as in the tutorial
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CNNEncoder(nn.Module):
+    """The tutorial's encoder: one fully connected layer over each region's features, then ReLU."""
+
+    def __init__(self, feature_dim: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, embedding_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(features))  # (B, 64, 2048) -> (B, 64, E)
+
+
+class BahdanauAttention(nn.Module):
+    """Additive attention: score = V·tanh(W1·f + W2·h), softmax over the 64 regions."""
+
+    def __init__(self, embedding_dim: int, units: int) -> None:
+        super().__init__()
+        self.W1 = nn.Linear(embedding_dim, units)
+        self.W2 = nn.Linear(units, units)
+        self.V = nn.Linear(units, 1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """W1·f: depends only on the image, so it is computed once per batch, not once per step."""
+        return self.W1(features)  # (B, 64, E) -> (B, 64, U)
+
+    def forward(
+        self, features: torch.Tensor, projected: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        score = self.V(torch.tanh(projected + self.W2(hidden).unsqueeze(1))).squeeze(-1)  # (B, 64)
+        alpha = torch.softmax(score.float(), dim=-1).to(features.dtype)  # (B, 64), sums to 1
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, E)
+        return context, alpha
+
+
+class Captioner(nn.Module):
+    """Encoder + attention + GRU decoder; teacher-forced `forward`, one-step `step` for generation."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        E, H = config.embedding_dim, config.units
+        self.encoder = CNNEncoder(config.feature_dim, E)
+        self.attention = BahdanauAttention(E, H)
+        self.embedding = nn.Embedding(config.vocab_size, E, padding_idx=0)
+        self.gru = nn.GRUCell(E + E, H)
+        self.dropout = nn.Dropout(config.dropout)
+        self.fc1 = nn.Linear(H, H)
+        self.fc2 = nn.Linear(H, config.vocab_size)
+
+    def encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image features (B, 64, 2048) -> encoded regions (B, 64, E) and their attention projection (B, 64, U)."""
+        encoded = self.encoder(features)
+        return encoded, self.attention.project(encoded)
+
+    def init_hidden(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(batch_size, self.config.units)  # (B, H): the tutorial starts at 0
+
+    def step(
+        self, words: torch.Tensor, hidden: torch.Tensor, encoded: torch.Tensor, projected: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoding step: previous words (B,) -> logits (B, V), new hidden (B, H), attention (B, 64)."""
+        context, alpha = self.attention(encoded, projected, hidden)
+        x = torch.cat([context, self.embedding(words)], dim=-1)  # (B, 2E)
+        hidden = self.gru(x, hidden)
+        logits = self.fc2(self.fc1(self.dropout(hidden)))
+        return logits, hidden, alpha
+
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing over captions (N, T) of token ids starting with <start>, padded with 0.
+
+        `image_index` (N,) maps each caption to its image in `features` (B, 64, 2048), so an image with
+        five captions is encoded once. Captions sorted by descending length let each step run only on
+        the captions still going (no compute on padding). Returns logits (N, T-1, V) predicting
+        captions[:, 1:] and attention (N, T-1, 64); padded positions are zero.
+        """
+        encoded, projected = self.encode(features)
+        if image_index is not None:
+            encoded, projected = encoded[image_index], projected[image_index]  # (N, 64, E), (N, 64, U)
+        N, T = captions.shape
+        lengths = (captions != 0).sum(dim=1) - 1  # steps each caption needs
+        hidden = self.init_hidden(N, encoded)
+        logits = encoded.new_zeros(N, T - 1, self.config.vocab_size)
+        alphas = encoded.new_zeros(N, T - 1, NUM_REGIONS)
+        sorted_desc = bool((lengths[:-1] >= lengths[1:]).all()) if N > 1 else True
+        for t in range(T - 1):
+            n = int((lengths > t).sum()) if sorted_desc else N
+            if n == 0:
+                break
+            step_logits, h, alpha = self.step(captions[:n, t], hidden[:n], encoded[:n], projected[:n])
+            hidden = torch.cat([h, hidden[n:]]) if n < N else h
+            logits[:n, t] = step_logits.to(logits.dtype)
+            alphas[:n, t] = alpha.to(alphas.dtype)
+        return logits, alphas
+
+
+def caption_loss(
+    logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor, attention_penalty: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy over real tokens (padding masked, averaged over real tokens), plus Show, Attend and
+    Tell's doubly stochastic penalty λ·mean_captions Σ_regions (1 − Σ_t α)² when `attention_penalty` > 0."""
+    targets = captions[:, 1:]  # (N, T-1)
+    mask = targets != 0
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T-1)
+    loss = (ce * mask).sum() / mask.sum().clamp(min=1)
+    if attention_penalty > 0:
+        coverage = (alphas.float() * mask.unsqueeze(-1)).sum(dim=1)  # (N, 64)
+        loss = loss + attention_penalty * ((1.0 - coverage) ** 2).sum(dim=1).mean()
+    return loss
+
+
+@dataclass
+class Generation:
+    """Batched decoding output; entries past `lengths[i]` are padding."""
+
+    tokens: torch.Tensor  # (B, T) ids, <end> excluded
+    attention: torch.Tensor  # (B, T, 64), each row sums to 1
+    lengths: torch.Tensor  # (B,) number of generated words
+    scores: torch.Tensor  # (B,) mean log-probability per emitted token (words + <end> when reached)
+
+
+@torch.no_grad()
+def greedy_search(
+    model: Captioner, features: torch.Tensor, start_id: int, end_id: int, max_length: int = 20
+) -> Generation:
+    """Greedy decoding of a batch of images (B, 64, 2048); stops each sequence at <end> or `max_length` words."""
+    encoded, projected = model.encode(features)
+    B = features.shape[0]
+    words = torch.full((B,), start_id, dtype=torch.long, device=features.device)
+    hidden = model.init_hidden(B, encoded)
+    tokens = torch.zeros(B, max_length, dtype=torch.long, device=features.device)
+    attention = torch.zeros(B, max_length, NUM_REGIONS, device=features.device)
+    logprob = torch.zeros(B, device=features.device)
+    emitted = torch.zeros(B, device=features.device)
+    lengths = torch.zeros(B, dtype=torch.long, device=features.device)
+    done = torch.zeros(B, dtype=torch.bool, device=features.device)
+    for t in range(max_length):
+        logits, hidden, alpha = model.step(words, hidden, encoded, projected)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        best_logp, words = logp.max(dim=-1)
+        live = ~done
+        logprob += torch.where(live, best_logp, 0.0)
+        emitted += live.float()
+        is_word = live & (words != end_id)
+        tokens[:, t] = torch.where(is_word, words, 0)
+        attention[:, t] = torch.where(is_word.unsqueeze(1), alpha.float(), 0.0)
+        lengths += is_word.long()
+        done |= words == end_id
+        if bool(done.all()):
+            break
+    return Generation(tokens, attention, lengths, logprob / emitted.clamp(min=1))
+
+
+@torch.no_grad()
+def beam_search(
+    model: Captioner,
+    features: torch.Tensor,
+    start_id: int,
+    end_id: int,
+    beam_size: int = 3,
+    max_length: int = 20,
+    length_penalty: float = 1.0,
+) -> Generation:
+    """Batched beam search over B images x K beams at once; a beam ends at <end>, an image ends when its
+    best finished beam beats its best live one. Finished beams are ranked by total log-probability divided by
+    length**length_penalty; each beam carries its attention history so the winner's is returned.
+    `beam_size=1` is exactly greedy decoding."""
+    if beam_size == 1:
+        return greedy_search(model, features, start_id, end_id, max_length)
+    device = features.device
+    B, K, V = features.shape[0], beam_size, model.config.vocab_size
+    encoded, projected = model.encode(features)
+    encoded = encoded.repeat_interleave(K, dim=0)  # (B*K, 64, E)
+    projected = projected.repeat_interleave(K, dim=0)
+    hidden = model.init_hidden(B * K, encoded)
+    words = torch.full((B * K,), start_id, dtype=torch.long, device=device)
+    beam_logp = torch.full((B, K), float("-inf"), device=device)
+    beam_logp[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick K copies
+    history = torch.zeros(B, K, 0, dtype=torch.long, device=device)
+    att_history = torch.zeros(B, K, 0, NUM_REGIONS, device=device)
+    best_score = torch.full((B,), float("-inf"), device=device)
+    best_tokens = torch.zeros(B, max_length, dtype=torch.long, device=device)
+    best_att = torch.zeros(B, max_length, NUM_REGIONS, device=device)
+    best_len = torch.zeros(B, dtype=torch.long, device=device)
+    best_mean = torch.zeros(B, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    arange_b = torch.arange(B, device=device)
+
+    def norm(total: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+        return total / (torch.as_tensor(n, device=device, dtype=torch.float) ** length_penalty)
+
+    for t in range(max_length + 1):
+        logits, hidden, alpha = model.step(words, hidden, encoded, projected)
+        logp = torch.log_softmax(logits.float(), dim=-1).view(B, K, V)
+        total = beam_logp.unsqueeze(-1) + logp  # (B, K, V)
+        # Beams that end here: candidate finished captions of t words (plus <end>).
+        end_total = total[..., end_id]  # (B, K)
+        end_score = norm(end_total, t + 1)
+        if t == max_length:  # forced stop: the live beams end as they are, without <end>
+            end_total, end_score = beam_logp, norm(beam_logp, max(t, 1))
+        cand_score, cand_k = end_score.max(dim=1)  # (B,)
+        better = (cand_score > best_score) & ~done
+        if bool(better.any()):
+            idx = arange_b[better]
+            k = cand_k[better]
+            best_score[idx] = cand_score[better]
+            best_len[idx] = t
+            best_mean[idx] = end_total[idx, k] / (t + 1 if t < max_length else max(t, 1))
+            best_tokens[idx] = 0
+            best_att[idx] = 0
+            if t > 0:
+                best_tokens[idx, :t] = history[idx, k]
+                best_att[idx, :t] = att_history[idx, k]
+        if t == max_length:
+            break
+        # Continue with the K best non-<end> extensions.
+        total[..., end_id] = float("-inf")
+        top_logp, top_idx = total.view(B, K * V).topk(K, dim=1)  # (B, K)
+        parent, words_bk = top_idx // V, top_idx % V
+        # An image is finished once its best finished caption beats its best live beam scored at the
+        # current length (the usual beam-search stopping rule).
+        bound = norm(top_logp[:, 0], t + 1)
+        done |= best_score >= bound
+        if bool(done.all()):
+            break
+        beam_logp = top_logp
+        history = torch.cat([history.gather(1, parent.unsqueeze(-1).expand(-1, -1, t)), words_bk.unsqueeze(-1)], 2)
+        parent_alpha = alpha.view(B, K, NUM_REGIONS).gather(1, parent.unsqueeze(-1).expand(-1, -1, NUM_REGIONS))
+        prev_att = att_history.gather(1, parent.view(B, K, 1, 1).expand(-1, -1, t, NUM_REGIONS))
+        att_history = torch.cat([prev_att, parent_alpha.float().unsqueeze(2)], dim=2)
+        flat_parent = (parent + arange_b.unsqueeze(1) * K).view(-1)
+        hidden = hidden[flat_parent]
+        words = words_bk.view(-1)
+    return Generation(best_tokens, best_att, best_len, best_mean)

@@ -1,0 +1,251 @@
+"""The sharded image pipeline extract and caption share: plan, decode tasks, model actor pool, atomic writes.
+
+A shard is a fixed list of input files (the plan, stored with the output on the first run). Each shard
+travels through Ray Data as ONE row, so no stage can split it: decode (CPU task) -> model (actor pool,
+one GPU per actor when there are GPUs) -> write (CPU task: the shard's Parquet files, then its commit
+marker). A shard is finished when its marker exists; reruns skip finished shards and redo the others,
+which overwrite their deterministic file names, so rows are never duplicated or lost. This is the only
+module that sets concurrency, num_gpus and batch sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from raycap import schema, storage
+from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+
+_META_SCHEMA = pa.schema(
+    [(schema.IMAGE_ID, pa.string()), (schema.PATH, pa.string()), (schema.WIDTH, pa.int32()), (schema.HEIGHT, pa.int32())]
+)
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+def error_table(paths: list[str], stages: list[str], errors: list[str]) -> pa.Table:
+    return pa.table([paths, stages, errors], schema=schema.ERRORS_SCHEMA)
+
+
+@dataclass
+class ShardJob:
+    """What one run of the sharded pipeline needs; built by extract.py or caption.py."""
+
+    input: str  # folder or s3:// prefix of images
+    output: str  # output root
+    rows_dir: str  # schema.FEATURES_DIR or schema.CAPTIONS_DIR
+    model_cls: type  # a ShardModel subclass, built once per actor
+    model_kwargs: dict[str, Any]
+    shard_size: int = 256  # images per shard: the unit of retry, resume and output file
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
+    max_errors: int | None = None  # stop once more images than this have failed (None: never)
+    actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    compression: str = "none"  # Parquet compression of the output rows
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
+
+
+class ShardModel:
+    """Base of the model stage: a callable class that maps decoded shards to output rows.
+
+    Subclasses load their model in `__init__` and implement `predict(pixels, meta) -> pa.Table` for
+    (N, 299, 299, 3) uint8 pixels and the N images' (image_id, path, width, height).
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+
+    def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.to_pylist():
+            meta = from_ipc(row["meta"])
+            pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(len(meta), *_PIXEL_SHAPE)
+            rows = self.predict(pixels, meta) if len(meta) else None
+            out.append({"shard": row["shard"], "rows": to_ipc(rows) if rows is not None else b"",
+                        "errors": row["errors"]})
+        return pa.Table.from_pylist(out)
+
+
+_PIXEL_SHAPE = (schema.IMAGE_SIZE, schema.IMAGE_SIZE, 3)
+
+
+def decode_shards(batch: pa.Table, input_root: str, storage_options: dict, max_pixels: int) -> pa.Table:
+    """CPU task: read and decode every file of each shard; a file that fails becomes an error row."""
+    fs, root = storage.filesystem(input_root, storage_options)
+    out = []
+    for row in batch.to_pylist():
+        ids = row["image_ids"]
+        paths = [storage.join(root, i) for i in ids]
+        contents = fs.cat(paths, on_error="return") if paths else {}
+        pixels = np.empty((len(ids), *_PIXEL_SHAPE), dtype=np.uint8)
+        meta: dict[str, list] = {c: [] for c in _META_SCHEMA.names}
+        errors: tuple[list, list, list] = ([], [], [])
+        for image_id, path in zip(ids, paths):
+            display = storage.uri(fs, path)
+            data = contents.get(path)
+            if isinstance(data, BaseException) or data is None:
+                reason = "missing" if data is None else f"{type(data).__name__}: {data}"
+                _append_error(errors, display, "read", reason)
+                continue
+            try:
+                decoded = decode_image(data, max_pixels=max_pixels)
+            except ImageError as e:
+                _append_error(errors, display, e.stage, str(e))
+                continue
+            pixels[len(meta[schema.IMAGE_ID])] = decoded.pixels
+            for key, value in zip(_META_SCHEMA.names, (image_id, display, decoded.width, decoded.height)):
+                meta[key].append(value)
+        n = len(meta[schema.IMAGE_ID])
+        out.append({
+            "shard": row["shard"],
+            "pixels": pixels[:n].tobytes(),
+            "meta": to_ipc(pa.table(meta, schema=_META_SCHEMA)),
+            "errors": to_ipc(error_table(*errors)),
+        })
+    return pa.Table.from_pylist(out)
+
+
+def _append_error(errors: tuple[list, list, list], path: str, stage: str, message: str) -> None:
+    errors[0].append(path)
+    errors[1].append(stage)
+    errors[2].append(" ".join(message.split())[:500])
+
+
+def write_shards(batch: pa.Table, output: str, rows_dir: str, storage_options: dict, compression: str) -> pa.Table:
+    """CPU task: write each shard's rows and errors atomically, then its commit marker (last)."""
+    fs, root = storage.filesystem(output, storage_options)
+    out = []
+    for row in batch.to_pylist():
+        name = storage.shard_name(row["shard"])
+        rows = from_ipc(row["rows"]) if row["rows"] else None
+        errors = from_ipc(row["errors"])
+        written = 0
+        if rows is not None and len(rows):
+            written += storage.write_parquet_atomic(fs, storage.join(root, rows_dir, f"{name}.parquet"), rows, compression)
+        if len(errors):
+            written += storage.write_parquet_atomic(fs, storage.join(root, schema.ERRORS_DIR, f"{name}.parquet"),
+                                                    errors, "zstd")
+        marker = {"shard": row["shard"], "rows": len(rows) if rows is not None else 0, "errors": len(errors),
+                  "bytes": written}
+        storage.write_json_atomic(fs, storage.join(root, schema.SHARDS_DIR, f"{name}.json"), marker)
+        out.append(marker)
+    return pa.Table.from_pylist(out)
+
+
+class TooManyErrors(RuntimeError):
+    """More images failed than --max-errors allows."""
+
+
+def plan_resources(job: ShardJob) -> dict[str, Any]:
+    """Actor pool size, GPUs and threads per actor, CPUs for decoding, from what the cluster has."""
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    gpus_per_actor = job.gpus_per_actor if job.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if gpus_per_actor > 0:
+        most = max(1, int(gpus / gpus_per_actor))
+        actors = job.actors or (1, most)
+        return {"actors": actors, "num_gpus": gpus_per_actor, "actor_cpus": 1, "threads": None, "decode_cpus": 1}
+    # CPU only: the model needs far more CPU per image than decoding (~80 ms vs ~5 ms here), so each
+    # actor runs torch on all its CPUs while reserving one less, which keeps a CPU free for decoding.
+    n = job.actors[1] if job.actors else max(1, cpus // 8)
+    threads = max(1, cpus // n)
+    actors = job.actors or (n, n)
+    return {"actors": actors, "num_gpus": 0, "actor_cpus": max(1, threads - 1) if cpus > 1 else 1,
+            "threads": threads, "decode_cpus": 0.75 if cpus > 1 else 0.5}
+
+
+def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a sharded job to completion and write its manifest; returns the manifest."""
+    started = time.time()
+    in_fs, in_root = storage.filesystem(job.input, job.storage_options)
+    out_fs, out_root = storage.filesystem(job.output, job.storage_options)
+    input_uri = storage.uri(in_fs, in_root)
+    plan_path = storage.join(out_root, schema.PLAN_FILE)
+    listing = None if out_fs.exists(plan_path) else storage.list_files(in_fs, in_root)
+    if listing is not None and not listing:
+        raise ValueError(f"no files under {input_uri}")
+    shards = storage.load_or_create_plan(out_fs, out_root, input_uri, listing, job.shard_size)
+    done = storage.finished_shards(out_fs, out_root)
+    pending = [k for k in range(len(shards)) if k not in done]
+    total_images = sum(len(s) for s in shards)
+    progress(f"{input_uri}: {total_images} files in {len(shards)} shards, {len(done)} already finished")
+    res = plan_resources(job)
+    errors_so_far = sum(m["errors"] for m in done.values())
+    if pending:
+        items = [{"shard": k, "image_ids": shards[k]} for k in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="pyarrow", num_cpus=res["decode_cpus"],
+                            fn_kwargs={"input_root": job.input, "storage_options": job.storage_options,
+                                       "max_pixels": job.max_pixels})
+        min_actors, max_actors = res["actors"]
+        ds = ds.map_batches(job.model_cls, batch_size=1, batch_format="pyarrow",
+                            fn_constructor_kwargs={**job.model_kwargs, "threads": res["threads"]},
+                            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+                            num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"])
+        ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                            fn_kwargs={"output": job.output, "rows_dir": job.rows_dir,
+                                       "storage_options": job.storage_options, "compression": job.compression})
+        for marker in ds.iter_rows():
+            done[int(marker["shard"])] = dict(marker)
+            errors_so_far += int(marker["errors"])
+            if job.max_errors is not None and errors_so_far > job.max_errors:
+                raise TooManyErrors(
+                    f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
+                    f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
+                )
+    elapsed = time.time() - started
+    processed = sum(done[k]["rows"] + done[k]["errors"] for k in pending)
+    manifest = {
+        "input": input_uri,
+        "output": storage.uri(out_fs, out_root),
+        "images": total_images,
+        "rows": sum(m["rows"] for m in done.values()),
+        "errors": sum(m["errors"] for m in done.values()),
+        "shards": len(shards),
+        "shards_this_run": len(pending),
+        "seconds": round(elapsed, 2),
+        "images_per_second": round(processed / elapsed, 2) if elapsed > 0 else None,
+        "resources": {k: v for k, v in res.items() if k != "actors"} | {"actors": list(res["actors"])},
+        "versions": _versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **job.manifest,
+    }
+    if manifest["rows"] + manifest["errors"] != total_images:
+        raise RuntimeError(f"accounting error: {manifest['rows']} rows + {manifest['errors']} errors != {total_images}")
+    storage.write_json_atomic(out_fs, storage.join(out_root, schema.MANIFEST_FILE), manifest)
+    return manifest
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import torch
+    import torchvision
+
+    from raycap import __version__
+
+    return {"raycap": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "pyarrow": pa.__version__, "pillow": PIL.__version__,
+            "python": os.sys.version.split()[0]}

@@ -1,0 +1,171 @@
+"""Tests of raycap.viz: heatmap overlays, the per-word figure, `show` and the HTML report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raycap import viz
+from raycap.schema import CAPTIONS_SCHEMA
+
+
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows (image_id, path, caption; optional attention (T, 64)) as CAPTIONS_SCHEMA Parquet."""
+    tokens = [r["caption"].split() for r in rows]
+    att = [
+        np.asarray(r.get("attention", np.full((len(t), 64), 1 / 64)), np.float16)
+        for r, t in zip(rows, tokens, strict=True)
+    ]
+    offsets = pa.array(np.concatenate([[0], np.cumsum([len(a) for a in att])]).astype(np.int32))
+    flat = pa.array(np.concatenate([a.reshape(-1) for a in att]))
+    columns = {
+        "image_id": pa.array([r["image_id"] for r in rows]),
+        "path": pa.array([r["path"] for r in rows]),
+        "caption": pa.array([r["caption"] for r in rows]),
+        "tokens": pa.array(tokens, pa.list_(pa.string())),
+        "score": pa.array([-0.5] * len(rows), pa.float32()),
+        "attention": pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(flat, 64)),
+        "width": pa.array([64] * len(rows), pa.int32()),
+        "height": pa.array([48] * len(rows), pa.int32()),
+        "model_id": pa.array(["m<1>"] * len(rows)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pydict(columns, schema=CAPTIONS_SCHEMA), path)
+    return path
+
+
+def one_hot(cell: int) -> np.ndarray:
+    row = np.zeros(64, np.float32)
+    row[cell] = 1.0
+    return row
+
+
+def is_red(pixel: np.ndarray) -> bool:
+    r, g, b = (int(v) for v in pixel)
+    return r > 100 and r > g + 50 and r > b + 50
+
+
+def cell_centre(cell: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(x, y) pixel at the centre of grid cell `cell` in an image of `size`."""
+    row, col = divmod(cell, 8)
+    return int((col + 0.5) * size[0] / 8), int((row + 0.5) * size[1] / 8)
+
+
+def test_jet_runs_blue_to_red() -> None:
+    cold, mid, hot = viz.jet(np.array([0.0, 0.5, 1.0]))
+    assert cold[2] > 100 and cold[0] == cold[1] == 0
+    assert mid[1] == 255
+    assert hot[0] > 100 and hot[1] == hot[2] == 0
+
+
+def test_overlay_is_red_where_attention_is_and_blue_elsewhere() -> None:
+    image = Image.new("RGB", (96, 64), (128, 128, 128))
+    overlay = viz.attention_overlay(image, one_hot(8 * 2 + 5))
+    assert overlay.size == image.size and overlay.mode == "RGB"
+    px = np.asarray(overlay)
+    x, y = cell_centre(21, image.size)
+    assert is_red(px[y, x])
+    x, y = cell_centre(62, image.size)
+    assert px[y, x, 2] > px[y, x, 0] + 50  # far away: blue
+    with pytest.raises(ValueError):
+        viz.attention_overlay(image, np.ones(63))
+
+
+def test_figure_has_a_panel_per_word_with_heat_in_the_right_place() -> None:
+    image = Image.new("RGB", (120, 90), (128, 128, 128))
+    small = viz.attention_figure(image, ["a", "b"], np.full((2, 64), 1 / 64))
+    big = viz.attention_figure(image, [f"w{i}" for i in range(9)], np.full((9, 64), 1 / 64))
+    assert big.width > small.width and big.height > small.height
+    tokens = ["a", "red", "circle"]
+    attention = np.stack([np.full(64, 1 / 64), np.full(64, 1 / 64), one_hot(0)])
+    figure = np.asarray(viz.attention_figure(image, tokens, attention))
+    panel = (viz.PANEL, viz.PANEL * 90 // 120)
+
+    def panel_pixels(k: int) -> np.ndarray:  # panel k (0 = the image) without its label
+        x = viz.PAD + k * (panel[0] + viz.PAD)
+        y = viz.PAD + viz.LABEL
+        return figure[y : y + panel[1], x : x + panel[0]]
+
+    cx, cy = cell_centre(0, panel)
+    assert is_red(panel_pixels(3)[cy, cx])
+    assert not any(is_red(p) for p in panel_pixels(2).reshape(-1, 3))  # uniform attention: no hot spot
+    assert (panel_pixels(0) == 128).all()  # the first panel is the plain image
+    labels = figure[viz.PAD : viz.PAD + viz.LABEL, viz.PAD + panel[0] + viz.PAD :]
+    assert (labels < 100).any()  # a word is drawn above the word panels
+    with pytest.raises(ValueError, match="per token"):
+        viz.attention_figure(image, ["a"], np.full((2, 64), 1 / 64))
+
+
+def test_open_image_applies_exif_orientation(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.new("RGB", (60, 40), "white").save(tmp_path / "r.jpg", exif=exif)
+    assert viz.open_image(str(tmp_path / "r.jpg")).size == (40, 60)
+
+
+def test_show_writes_the_figure_for_an_id_or_basename(tmp_path: Path) -> None:
+    src = tmp_path / "images" / "cats" / "a.png"
+    src.parent.mkdir(parents=True)
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(src)
+    rows = [
+        {"image_id": "cats/a.png", "path": str(src), "caption": "a green thing"},
+        {"image_id": "cats/b.png", "path": str(src), "caption": "b"},
+    ]
+    preds = str(write_predictions(tmp_path / "out" / "captions" / "p.parquet", rows))
+    out = viz.show(str(tmp_path / "out"), "cats/a.png", str(tmp_path / "figs" / "a.png"))
+    with Image.open(out) as fig:
+        assert fig.format == "PNG"
+        expected = viz.attention_figure(Image.open(src), ["a", "green", "thing"], np.full((3, 64), 1 / 64))
+        assert fig.size == expected.size
+    with Image.open(viz.show(preds, "a.png", str(tmp_path / "b.png"))) as fig:
+        assert fig.size == expected.size
+    with Image.open(viz.show(preds, str(src), str(tmp_path / "c.png"))) as fig:  # by path
+        assert fig.size == expected.size
+    with pytest.raises(ValueError, match="no prediction"):
+        viz.show(preds, "dogs/z.png", str(tmp_path / "z.png"))
+
+
+def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
+    paths = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (600, 300), colour).save(paths[-1])
+    rows = [
+        {"image_id": "c.png", "path": str(paths[2]), "caption": "never shown"},
+        {"image_id": "a.png", "path": str(paths[0]), "caption": "a <b>red</b> & wide"},
+        {"image_id": "b.png", "path": str(paths[1]), "caption": "blue \"quoted\" 'word'"},
+        {"image_id": "b0.png", "path": str(tmp_path / "missing.png"), "caption": "lost image"},
+    ]
+    preds = write_predictions(tmp_path / "p.parquet", rows)
+    out = viz.write_report(str(preds), str(tmp_path / "report" / "index.html"), n=3)
+    page = Path(out).read_text(encoding="utf-8")
+    for caption in ("a <b>red</b> & wide", "blue \"quoted\" 'word'", "lost image"):
+        assert html.escape(caption) in page
+    assert "<b>red</b>" not in page and "never shown" not in page
+    assert page.index("a.png") < page.index("b.png") < page.index("b0.png")
+    imgs = re.findall(r"<img\b[^>]*>", page)
+    assert len(imgs) == (1 + 4) + (1 + 3)  # the missing image has no pictures, only its caption and an error
+    assert "image unavailable" in page
+    assert not re.search(r"""(?:src|href)\s*=\s*['"](?!data:)""", page)
+    assert "<script" not in page and "<link" not in page
+    uris = re.findall(r"src='data:image/(\w+);base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(uris) == len(imgs)
+    sizes = []
+    for _, payload in uris:
+        with Image.open(io.BytesIO(base64.b64decode(payload))) as img:
+            img.load()
+            sizes.append(img.size)
+    assert sizes[0] == (256, 128)  # the image thumbnail, at most 256 px
+    assert all(max(s) <= 256 for s in sizes)
+    with pytest.raises(ValueError):
+        viz.write_report(str(preds), str(tmp_path / "x.html"), n=0)
