@@ -33,7 +33,8 @@ def preprocess(pixels: torch.Tensor) -> torch.Tensor:
 def cpu_supports_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return False
     return any(f in flags for f in (" amx_bf16", " avx512_bf16"))

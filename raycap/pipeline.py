@@ -23,9 +23,9 @@ import ray
 from raycap import schema, storage
 from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
-_META_SCHEMA = pa.schema(
-    [(schema.IMAGE_ID, pa.string()), (schema.PATH, pa.string()), (schema.WIDTH, pa.int32()), (schema.HEIGHT, pa.int32())]
-)
+_META_SCHEMA = pa.schema([
+    (schema.IMAGE_ID, pa.string()), (schema.PATH, pa.string()), (schema.WIDTH, pa.int32()), (schema.HEIGHT, pa.int32())
+])
 
 
 def to_ipc(table: pa.Table) -> bytes:
@@ -144,7 +144,8 @@ def write_shards(batch: pa.Table, output: str, rows_dir: str, storage_options: d
         errors = from_ipc(row["errors"])
         written = 0
         if rows is not None and len(rows):
-            written += storage.write_parquet_atomic(fs, storage.join(root, rows_dir, f"{name}.parquet"), rows, compression)
+            path = storage.join(root, rows_dir, f"{name}.parquet")
+            written += storage.write_parquet_atomic(fs, path, rows, compression)
         if len(errors):
             written += storage.write_parquet_atomic(fs, storage.join(root, schema.ERRORS_DIR, f"{name}.parquet"),
                                                     errors, "zstd")

@@ -1,0 +1,117 @@
+"""The caption pipeline: images -> encoder + decoder in one actor -> captions, scores, attention Parquet."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raycap import pipeline, schema
+from raycap.config import CaptionConfig
+from raycap.encoder import FeatureExtractor
+from raycap.model import beam_search
+from raycap.modeldir import load_model_dir
+
+
+class CaptionModel(pipeline.ShardModel):
+    """Actor: InceptionV3 and the captioner on one device; features never leave the actor."""
+
+    def __init__(self, model: str, beam_size: int, max_length: int, length_penalty: float, precision: str,
+                 batch_size: int | None, threads: int | None = None) -> None:
+        super().__init__(threads)
+        self.extractor = FeatureExtractor(
+            _encoder_weights(model), precision=precision, batch_size=batch_size or 32
+        )
+        if batch_size is None and self.extractor.device.type == "cuda":
+            self.extractor.batch_size = 128
+        loaded = load_model_dir(model, self.extractor.device)
+        self.model, self.vocab, self.model_id = loaded.model, loaded.vocab, loaded.model_id
+        self.feature_dtype = getattr(torch, loaded.config.get("feature_dtype", "float16"))
+        self.beam_size, self.max_length, self.length_penalty = beam_size, max_length, length_penalty
+
+    def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
+        captions, tokens, scores, attention = [], [], [], []
+        step = self.extractor.batch_size
+        for i in range(0, len(pixels), step):
+            # Round through the stored feature dtype: the decoder sees what it saw in training.
+            features = self.extractor(pixels[i : i + step]).to(self.feature_dtype).float()  # (b, 64, 2048)
+            autocast = (torch.autocast(self.extractor.device.type, dtype=torch.bfloat16)
+                        if self.extractor.precision == "bf16" and self.extractor.device.type == "cuda"
+                        else nullcontext())
+            with autocast:
+                gen = beam_search(self.model, features, self.vocab.start_id, self.vocab.end_id,
+                                  beam_size=self.beam_size, max_length=self.max_length,
+                                  length_penalty=self.length_penalty)
+            lengths = gen.lengths.tolist()
+            ids = gen.tokens.cpu().numpy()
+            att = gen.attention.to(torch.float16).cpu().numpy()  # (b, T, 64)
+            for j, n in enumerate(lengths):
+                words = [self.vocab.tokens[t] for t in ids[j, :n]]
+                tokens.append(words)
+                captions.append(" ".join(words))
+                attention.append(att[j, :n])
+            scores.extend(gen.scores.float().cpu().tolist())
+        return pa.table(
+            {
+                schema.IMAGE_ID: meta[schema.IMAGE_ID],
+                schema.PATH: meta[schema.PATH],
+                schema.CAPTION: captions,
+                schema.TOKENS: tokens,
+                schema.SCORE: pa.array(scores, pa.float32()),
+                schema.ATTENTION: _attention_column(attention),
+                schema.WIDTH: meta[schema.WIDTH],
+                schema.HEIGHT: meta[schema.HEIGHT],
+                schema.MODEL_ID: [self.model_id] * len(captions),
+            },
+            schema=schema.CAPTIONS_SCHEMA,
+        )
+
+
+def _attention_column(rows: list[np.ndarray]) -> pa.Array:
+    """(T_i, 64) float16 arrays -> list<fixed_size_list<float16, 64>> without Python-level loops over values."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate(rows).reshape(-1) if len(rows) else np.zeros(0, np.float16)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), schema.NUM_REGIONS)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def _encoder_weights(model_dir: str) -> str:
+    import json
+    import os
+
+    from raycap.modeldir import CONFIG
+
+    path = os.path.join(model_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {model_dir!r} is not a raycap model directory (missing {CONFIG})")
+    with open(path) as f:
+        return json.load(f).get("encoder_weights", "imagenet")
+
+
+def run(config: CaptionConfig) -> dict:
+    """Caption every image under `config.input` into `config.output`; returns the manifest."""
+    config.validate()
+    loaded = load_model_dir(config.model)  # fail here, with one line, not inside an actor
+    job = pipeline.ShardJob(
+        input=config.input,
+        output=config.output,
+        rows_dir=schema.CAPTIONS_DIR,
+        model_cls=CaptionModel,
+        model_kwargs={"model": config.model, "beam_size": config.beam_size, "max_length": config.max_length,
+                      "length_penalty": config.length_penalty, "precision": config.precision,
+                      "batch_size": config.batch_size},
+        shard_size=config.shard_size,
+        max_pixels=config.max_pixels,
+        max_errors=config.max_errors,
+        actors=config.actors,
+        gpus_per_actor=config.gpus_per_actor,
+        compression="zstd",
+        storage_options=config.storage_options,
+        manifest={"job": "caption", "model": config.model, "model_id": loaded.model_id,
+                  "encoder_weights": loaded.config.get("encoder_weights"), "beam_size": config.beam_size,
+                  "max_length": config.max_length, "precision": config.precision},
+    )
+    return pipeline.run(job)
