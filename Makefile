@@ -1,0 +1,31 @@
+# raycap: `make demo` and `make test` are all a newcomer needs.
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := demo-output
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --no-compile --disable-pip-version-check -e '.[test]' 2>&1 | { grep -v 'is ignored' || true; }
+	$(BIN)/python -c "import raycap, ray, torch, torchvision, moto"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m raycap.demo --output $(DEMO)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/caption.py
+
+clean:
+	rm -rf $(DEMO) bench-output .pytest_cache

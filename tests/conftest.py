@@ -1,0 +1,30 @@
+"""Shared fixtures: one local Ray per test session, a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded local Ray for every test that needs one (started on first use)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory):
+    """A 40-image synthetic dataset shared by the integration tests."""
+    from raycap import synth
+
+    root = tmp_path_factory.mktemp("synth")
+    synth.generate(str(root), num_images=40, seed=1)
+    return root

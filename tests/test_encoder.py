@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from raycap.encoder import FeatureExtractor, preprocess, resolve_precision
+
+
+def test_preprocessing_matches_torchvision_inception_weights():
+    """torchvision's IMAGENET1K_V1 transform (ImageNet mean/std) followed by the model's own
+    transform_input is exactly our [-1, 1] scaling: the original InceptionV3 preprocessing."""
+    weights = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
+    transform = weights.transforms()
+    assert transform.crop_size == [299]
+    pixels = torch.randint(0, 256, (2, 299, 299, 3), dtype=torch.uint8)
+    normalised = torchvision.transforms.functional.normalize(
+        pixels.permute(0, 3, 1, 2).float() / 255, transform.mean, transform.std
+    )
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True)
+    torch.testing.assert_close(model._transform_input(normalised), preprocess(pixels), atol=1e-5, rtol=0)
+    edges = preprocess(torch.tensor([[[[0, 255, 0]]]], dtype=torch.uint8))
+    assert edges.flatten().tolist() == [-1.0, 1.0, -1.0]
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return FeatureExtractor("random", device="cpu", precision="fp32", batch_size=2)
+
+
+def test_random_encoder_is_deterministic_and_well_scaled(extractor):
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 299, 299, 3), dtype=np.uint8)
+    a = extractor(pixels)
+    b = FeatureExtractor("random", device="cpu", precision="fp32", batch_size=3)(pixels)
+    assert a.shape == (3, 64, 2048)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # another actor builds the same encoder
+    assert torch.isfinite(a.half()).all()  # fits float16 storage
+    assert a.min() >= 0  # Mixed_7c ends in ReLUs
+
+
+def test_channels_last_and_batching_do_not_change_features(extractor):
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 299, 299, 3), dtype=np.uint8)
+    plain = FeatureExtractor("random", device="cpu", precision="fp32", batch_size=8, channels_last=False)
+    torch.testing.assert_close(extractor(pixels), plain(pixels), atol=1e-3, rtol=1e-3)
+
+
+def test_regions_are_row_major_over_the_8x8_grid(extractor):
+    # A bright patch in the top-right corner lights up region 7 (row 0, column 7) more than region 56.
+    pixels = np.zeros((1, 299, 299, 3), dtype=np.uint8)
+    pixels[0, :40, -40:] = 255
+    base = extractor(np.zeros_like(pixels))[0]
+    change = (extractor(pixels)[0] - base).abs().sum(-1)  # (64,)
+    assert change[7] > change[56] and change[7] == change.max()
+
+
+def test_weights_and_precision_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        FeatureExtractor(str(tmp_path / "missing.pt"))
+    bad = tmp_path / "bad.pt"
+    torch.save({"fc.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="not an InceptionV3 state dict"):
+        FeatureExtractor(str(bad))
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+def test_weights_from_a_state_dict_file(tmp_path, extractor):
+    path = tmp_path / "inception.pt"
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+    torch.save(model.state_dict(), path)
+    loaded = FeatureExtractor(str(path), device="cpu", precision="fp32")
+    pixels = np.full((1, 299, 299, 3), 128, dtype=np.uint8)
+    assert not torch.allclose(loaded(pixels), extractor(pixels))
