@@ -9,6 +9,7 @@ import os
 import random
 import tempfile
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,23 @@ def split_images(image_ids: list[str], split_file: str | None, seed: int) -> tup
     return ids[n_val:], ids[:n_val]
 
 
+def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the features of (up to `images`) training images, for the encoder's input."""
+    sums, squares, count = np.zeros(schema.FEATURE_DIM), np.zeros(schema.FEATURE_DIM), 0
+    for path in sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet")):
+        table = pq.read_table(path, columns=[schema.IMAGE_ID, schema.FEATURES], filesystem=fs)
+        table = table.filter(pc.is_in(table[schema.IMAGE_ID], value_set=pa.array(sorted(train_ids), pa.string())))
+        feats = schema.features_to_numpy(table[schema.FEATURES]).astype(np.float64).reshape(-1, schema.FEATURE_DIM)
+        sums += feats.sum(0)
+        squares += (feats**2).sum(0)
+        count += len(table)
+        if count >= images:
+            break
+    n = max(1, count * schema.NUM_REGIONS)
+    mean = sums / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(squares / n - mean**2, 0)).astype(np.float32)
+
+
 def _keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch[schema.IMAGE_ID], value_set=pa.array(ids, pa.string())))
 
@@ -89,23 +107,25 @@ def _pad(seqs: list[list[int]]) -> torch.Tensor:
 
 def caption_batch(
     image_ids: list[str], captions: dict[str, list[list[int]]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All captions of a batch of images, sorted by descending length and padded to the longest.
 
-    Returns (rows of images that have captions (M,), caption ids (N, T), image index into those rows (N,)).
-    Sorting makes each decoding step run only on the captions still going, so padding costs nothing.
+    Returns (rows of images that have captions (M,), caption ids (N, T), image index into those rows (N,),
+    weights (N,)). An image's identical captions are decoded once and weighted by their count, which
+    leaves the loss unchanged. Sorting makes each step run only on the captions still going.
     """
     rows, pairs = [], []
     for row, image_id in enumerate(image_ids):
         caps = captions.get(image_id)
         if not caps:
             continue
-        for cap in caps:
-            pairs.append((len(rows), cap))
+        for cap, count in Counter(tuple(c) for c in caps).items():
+            pairs.append((len(rows), cap, count))
         rows.append(row)
     pairs.sort(key=lambda p: -len(p[1]))
-    return (torch.tensor(rows, dtype=torch.long), _pad([p[1] for p in pairs]),
-            torch.tensor([p[0] for p in pairs], dtype=torch.long))
+    return (torch.tensor(rows, dtype=torch.long), _pad([list(p[1]) for p in pairs]),
+            torch.tensor([p[0] for p in pairs], dtype=torch.long),
+            torch.tensor([p[2] for p in pairs], dtype=torch.float32))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -129,11 +149,11 @@ def _validate(model: Captioner, val_iter, captions: dict[str, list[list[int]]], 
         for batch in val_iter.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
             ids = batch[schema.IMAGE_ID].to_pylist()
             feats = _features(batch, device)
-            rows, caps, index = caption_batch(ids, captions)
+            rows, caps, index, weights = caption_batch(ids, captions)
             if len(rows):
                 logits, alphas = model(feats[rows.to(device)], caps.to(device), index.to(device))
-                n = int((caps[:, 1:] != 0).sum())
-                total += float(caption_loss(logits, alphas, caps.to(device))) * n
+                n = float(((caps[:, 1:] != 0).sum(1) * weights).sum())
+                total += float(caption_loss(logits, alphas, caps.to(device), weights=weights.to(device))) * n
                 count += n
             gen = greedy_search(model, feats, vocab.start_id, vocab.end_id, max_length=20)
             for image_id, toks, length in zip(ids, gen.tokens.tolist(), gen.lengths.tolist()):
@@ -156,8 +176,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(cfg["threads"])
     vocab = Vocabulary.from_json(cfg["vocab"])
     model = Captioner(ModelConfig(**cfg["model"]))
+    model.encoder.set_normalization(torch.tensor(cfg["feature_mean"]), torch.tensor(cfg["feature_std"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, resumed_from = 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -166,6 +187,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             with open(os.path.join(d, STATE)) as f:
                 state = json.load(f)
             start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+            resumed_from = state["epoch"]
     model = ray.train.torch.prepare_model(model)
     core: Captioner = model.module if hasattr(model, "module") else model
     captions = cfg["captions"]
@@ -178,24 +200,26 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for batch in train_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow",
                                               local_shuffle_buffer_size=cfg["batch_size"] * 4,
                                               local_shuffle_seed=cfg["seed"] + epoch):
-            rows, caps, index = caption_batch(batch[schema.IMAGE_ID].to_pylist(), captions)
+            rows, caps, index, weights = caption_batch(batch[schema.IMAGE_ID].to_pylist(), captions)
             feats = _features(batch, device)[rows.to(device)]  # (M, 64, 2048)
-            caps, index = caps.to(device), index.to(device)
+            caps, index, weights = caps.to(device), index.to(device), weights.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = cfg["learning_rate"] * lr_factor(step, cfg["warmup_steps"], cfg["total_steps"])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 logits, alphas = model(feats, caps, index)
-                loss = caption_loss(logits, alphas, caps, cfg["attention_penalty"])
+                loss = caption_loss(logits, alphas, caps, cfg["attention_penalty"], weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             optimizer.step()
             step += 1
             batches += 1
-            samples += len(caps)
+            samples += int(weights.sum())
             loss_sum += float(loss)
         metrics: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, batches),
                                    "samples_per_second": samples * ctx.get_world_size() / (time.time() - started)}
+        if resumed_from is not None:
+            metrics["resumed_from_epoch"], resumed_from = resumed_from, None
         if rank == 0:
             metrics.update(_validate(core, val_shard, cfg["val_captions"], cfg["val_refs"], vocab, device,
                                      cfg["batch_size"]))
@@ -269,6 +293,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     val_encode = {i: [vocab.encode(c, config.max_caption_length + 2) for c in captions[i]] for i in val_ids}
     manifest_path = storage.join(features_root, schema.MANIFEST_FILE)
     extract_manifest = storage.read_json(fs, manifest_path) if fs.exists(manifest_path) else {}
+    mean, std = feature_statistics(fs, features_dir, set(train_ids))
     model_cfg = ModelConfig(vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units)
     world = config.workers
     steps_per_epoch = math.ceil(len(train_ids) / world / config.batch_size)
@@ -291,6 +316,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             "warmup_steps": config.warmup_steps, "total_steps": steps_per_epoch * config.epochs,
             "grad_clip": config.grad_clip, "attention_penalty": config.attention_penalty,
             "threads": max(1, int(resources.get("CPU", 1)) // world),
+            "feature_mean": mean.tolist(), "feature_std": std.tolist(),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": worker_cpus}),

@@ -28,3 +28,17 @@ def tiny_synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     synth.generate(str(root), num_images=40, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback (a real HTTP endpoint, as s3fs tests itself) and its s3fs options."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
+                                                                       "region_name": "us-east-1"}}
+    yield options
+    server.stop()

@@ -38,6 +38,10 @@ def test_loss_masks_padding_and_averages_over_real_tokens():
     garbage[targets == 0] = 1e4  # changing padded positions must not change the loss
     torch.testing.assert_close(caption_loss(garbage, alphas, caps), loss)
     assert caption_loss(logits, alphas, caps, attention_penalty=1.0) > loss
+    # A caption with weight 2 counts as two copies of it.
+    doubled = caption_loss(logits[[0, 0, 1, 2]], alphas[[0, 0, 1, 2]], caps[[0, 0, 1, 2]], attention_penalty=0.5)
+    weighted = caption_loss(logits, alphas, caps, attention_penalty=0.5, weights=torch.tensor([2.0, 1.0, 1.0]))
+    torch.testing.assert_close(weighted, doubled)
 
 
 def test_sorted_fast_path_equals_running_every_caption_to_the_end():

@@ -169,3 +169,37 @@ def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
     assert all(max(s) <= 256 for s in sizes)
     with pytest.raises(ValueError):
         viz.write_report(str(preds), str(tmp_path / "x.html"), n=0)
+
+
+def test_report_opens_in_headless_chromium_with_every_image_loaded(tmp_path: Path) -> None:
+    """The gallery as a person sees it: Debian's chromium (installed by .ci/run) loads every picture."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "chromium is needed for this test: apt-get install chromium (.ci/run does)"
+    rows = []
+    for i in range(3):
+        path = tmp_path / f"img{i}.png"
+        Image.new("RGB", (64, 48), (40 * i, 100, 200)).save(path)
+        rows.append({"image_id": path.name, "path": str(path), "caption": f"a <b>shape</b> number {i}"})
+    predictions = write_predictions(tmp_path / "out", rows)
+    report = Path(viz.write_report(str(predictions), str(tmp_path / "report.html")))
+    probe = tmp_path / "probe.html"
+    check = ("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+             "document.body.dataset.loaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length; "
+             "document.body.dataset.total = imgs.length; });</script>")
+    probe.write_text(report.read_text().replace("</body>", check + "</body>"))
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    dom = done.stdout
+    loaded = re.search(r'data-loaded="(\d+)"', dom)
+    total = re.search(r'data-total="(\d+)"', dom)
+    assert loaded and total, done.stderr[-2000:]
+    assert int(total.group(1)) > 3 and loaded.group(1) == total.group(1)  # pictures and heatmaps all decode
+    for i in range(3):
+        assert html.escape(f"a <b>shape</b> number {i}") in dom

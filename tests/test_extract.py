@@ -1,0 +1,191 @@
+"""The extract job on a local Ray: every bad image survives as an error row, resume is exactly once, S3 works."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import extract as extract_job
+from raycap import schema
+
+
+def _save(path: Path, img: Image.Image, fmt: str, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    path.write_bytes(buf.getvalue())
+
+
+def _noise(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+def make_corpus(root: Path) -> tuple[set[str], dict[str, str]]:
+    """Files every real collection has; returns (good ids, bad id -> expected words in the error)."""
+    good = {
+        "plain.jpg": lambda p: _save(p, _noise(320, 240), "JPEG"),
+        "UPPER.JPG": lambda p: _save(p, _noise(64, 48), "JPEG"),
+        "png named.jpg": lambda p: _save(p, _noise(50, 40), "PNG"),
+        "nested/deeper/cmyk.jpg": lambda p: _save(p, _noise(60, 40, "CMYK"), "JPEG"),
+        "nested/grey.png": lambda p: _save(p, _noise(30, 20, "L"), "PNG"),
+        "sixteen.png": lambda p: _save(p, Image.fromarray((np.arange(64 * 32).reshape(32, 64) * 30).astype(np.uint16)),
+                                       "PNG"),
+        "palette.png": lambda p: _save(p, _noise(40, 40).convert("P"), "PNG", transparency=0),
+        "alpha.png": lambda p: _save(p, _noise(40, 40, "RGBA"), "PNG"),
+        "animated.gif": lambda p: _save(p, _noise(32, 32).convert("P"), "GIF", save_all=True,
+                                        append_images=[_noise(32, 32, seed=1).convert("P")]),
+        "photo.webp": lambda p: _save(p, _noise(48, 32), "WEBP"),
+        "bitmap.bmp": lambda p: _save(p, _noise(48, 32), "BMP"),
+        "scan.tiff": lambda p: _save(p, _noise(48, 32), "TIFF"),
+        "été à la plage/ünïcode.jpg": lambda p: _save(p, _noise(40, 30), "JPEG"),
+        "rotated.jpg": lambda p: _save(p, _noise(80, 40), "JPEG", exif=_orientation(6)),
+    }
+    bad = {
+        "empty.jpg": (lambda p: p.write_bytes(b""), "empty"),
+        "notes.txt": (lambda p: p.write_text("not an image at all"), "not an image"),
+        "truncated.jpg": (lambda p: p.write_bytes(_jpeg_bytes()[:600]), "truncated"),
+        "bomb.png": (lambda p: _save(p, Image.new("1", (4000, 3000)), "PNG"), "pixels"),
+    }
+    for name, make in good.items():
+        make(root / name)
+    for name, (make, _) in bad.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        make(root / name)
+    return set(good), {k: v[1] for k, v in bad.items()}
+
+
+def _orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+def _jpeg_bytes() -> bytes:
+    buf = io.BytesIO()
+    _noise(200, 200).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _rows(out: Path) -> tuple[list[dict], list[dict]]:
+    def read(folder: str) -> list[dict]:
+        path = out / folder
+        return pq.read_table(path).to_pylist() if path.exists() and any(path.iterdir()) else []
+
+    return read(schema.FEATURES_DIR), read(schema.ERRORS_DIR)
+
+
+def test_every_file_is_exactly_one_feature_or_error_row(ray_session, tmp_path):
+    src, out = tmp_path / "corpus", tmp_path / "out"
+    good, bad = make_corpus(src)
+    code = extract_job.main(["--input", str(src), "--output", str(out), "--encoder-weights", "random",
+                             "--shard-size", "5", "--max-pixels", "10000000"])
+    assert code == 0
+    features, errors = _rows(out)
+    assert sorted(r[schema.IMAGE_ID] for r in features) == sorted(good)
+    by_name = {os.path.relpath(r[schema.PATH], src): r for r in errors}
+    assert sorted(by_name) == sorted(bad)
+    for name, words in bad.items():
+        assert words in by_name[name][schema.ERROR].lower(), by_name[name]
+        assert by_name[name][schema.STAGE] == "decode"
+    rotated = next(r for r in features if r[schema.IMAGE_ID] == "rotated.jpg")
+    assert (rotated[schema.WIDTH], rotated[schema.HEIGHT]) == (40, 80)  # EXIF orientation applied
+    feats = schema.features_to_numpy(pq.read_table(out / schema.FEATURES_DIR)[schema.FEATURES])
+    assert np.isfinite(feats.astype(np.float32)).all()
+    manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
+    assert (manifest["rows"], manifest["errors"], manifest["images"]) == (len(good), len(bad), len(good) + len(bad))
+    assert manifest["encoder_weights"] == "random"
+
+
+def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
+    src = tmp_path / "corpus"
+    make_corpus(src)
+    code = extract_job.main(["--input", str(src), "--output", str(tmp_path / "out"), "--encoder-weights", "random",
+                             "--shard-size", "20", "--max-errors", "0", "--max-pixels", "10000000"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "over --max-errors 0" in err[0]
+
+
+def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_synth, tmp_path):
+    out = tmp_path / "out"
+    args = ["--input", str(tiny_synth / "images"), "--output", str(out), "--encoder-weights", "random",
+            "--shard-size", "8"]
+    assert extract_job.main(args) == 0
+    first = {r[schema.IMAGE_ID]: r[schema.FEATURES] for r in _rows(out)[0]}
+    # Simulate a crash mid-run: one shard lost its marker, another never wrote anything.
+    (out / schema.SHARDS_DIR / "shard-000001.json").unlink()
+    (out / schema.SHARDS_DIR / "shard-000003.json").unlink()
+    (out / schema.FEATURES_DIR / "shard-000003.parquet").unlink()
+    (out / schema.MANIFEST_FILE).unlink()
+    assert extract_job.main(args) == 0
+    manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
+    assert manifest["shards_this_run"] == 2 and manifest["rows"] == 40
+    rows = _rows(out)[0]
+    assert len(rows) == 40 and {r[schema.IMAGE_ID] for r in rows} == set(first)
+    assert all(first[r[schema.IMAGE_ID]] == r[schema.FEATURES] for r in rows)  # same encoder, same features
+    assert extract_job.main(args) == 0  # a finished output is left alone
+    assert json.loads((out / schema.MANIFEST_FILE).read_text())["shards_this_run"] == 0
+
+
+def test_rerun_with_another_input_is_refused(ray_session, tiny_synth, tmp_path, capsys):
+    out = tmp_path / "out"
+    other = tmp_path / "other"
+    shutil.copytree(tiny_synth / "images", other)
+    assert extract_job.main(["--input", str(tiny_synth / "images"), "--output", str(out),
+                             "--encoder-weights", "random", "--shard-size", "40"]) == 0
+    assert extract_job.main(["--input", str(other), "--output", str(out), "--encoder-weights", "random"]) == 2
+    assert "another input" in capsys.readouterr().err
+
+
+def test_s3_round_trip_through_moto_server(ray_session, tiny_synth, s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("raycap-test")
+    fs.put(str(tiny_synth / "images"), "raycap-test/in/images", recursive=True)
+    options = json.dumps(s3_server)
+    assert extract_job.main(["--input", "s3://raycap-test/in/images", "--output", "s3://raycap-test/out",
+                             "--encoder-weights", "random", "--shard-size", "16", "--storage-options", options]) == 0
+    files = sorted(fs.ls("raycap-test/out/features"))
+    assert [f.rsplit("/", 1)[1] for f in files] == [f"shard-{i:06d}.parquet" for i in range(3)]
+    table = pq.read_table(files, filesystem=fs)
+    assert sorted(table[schema.IMAGE_ID].to_pylist()) == sorted(p.name for p in (tiny_synth / "images").iterdir())
+    assert all(p.startswith("s3://raycap-test/in/images/") for p in table[schema.PATH].to_pylist())
+    manifest = json.loads(fs.cat_file("raycap-test/out/_manifest.json"))
+    assert manifest["rows"] == 40 and manifest["output"] == "s3://raycap-test/out"
+
+
+def test_killed_driver_then_rerun_is_exactly_once(tiny_synth, tmp_path):
+    """SIGKILL the whole driver (embedded Ray included) after its first finished shard, then rerun."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "raycap.cli", "extract", "--input", str(tiny_synth / "images"), "--output", str(out),
+           "--encoder-weights", "random", "--shard-size", "4"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = out / schema.SHARDS_DIR
+    deadline = time.monotonic() + 240
+    while not (markers.exists() and any(markers.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "the driver never finished a shard"
+        time.sleep(0.2)  # polling for a file, not waiting for time to pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(list(markers.iterdir()))
+    assert killed_at < 10 and not (out / schema.MANIFEST_FILE).exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
+    assert manifest["rows"] == 40 and manifest["shards_this_run"] == 10 - killed_at
+    ids = [r[schema.IMAGE_ID] for r in _rows(out)[0]]
+    assert len(ids) == len(set(ids)) == 40

@@ -1,0 +1,126 @@
+"""Training: caption batching, splits, caption inputs, optimiser state; DDP, resume and a killed worker on Ray."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import extract as extract_job
+from jobs import train as train_job
+from raycap import train
+from raycap.modeldir import load_model_dir
+
+
+def test_caption_batch_sorts_by_length_and_indexes_images():
+    caps = {"a": [[2, 5, 3], [2, 5, 6, 7, 3], [2, 5, 3]], "b": [[2, 9, 9, 3]], "c": []}
+    rows, padded, index, weights = train.caption_batch(["c", "a", "b", "x"], caps)
+    assert rows.tolist() == [1, 2]  # images without captions are dropped
+    assert padded.tolist() == [[2, 5, 6, 7, 3], [2, 9, 9, 3, 0], [2, 5, 3, 0, 0]]
+    assert index.tolist() == [0, 1, 0]
+    assert weights.tolist() == [1, 1, 2]  # the repeated caption is decoded once, counted twice
+
+
+def test_split_is_by_image_and_seeded(tmp_path):
+    ids = [f"img_{i}.jpg" for i in range(100)]
+    tr, va = train.split_images(ids, None, seed=0)
+    assert len(va) == 5 and not set(tr) & set(va) and set(tr) | set(va) == set(ids)
+    assert train.split_images(ids, None, seed=0) == (tr, va)
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ids[:10] + ["unknown.jpg"], "val": ids[10:12]}))
+    assert train.split_images(ids, str(splits), 0) == (ids[:10], ids[10:12])
+
+
+def test_load_captions_from_coco_csv_and_parquet(tmp_path):
+    coco = tmp_path / "c.json"
+    coco.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.jpg"}],
+                                "annotations": [{"image_id": 7, "caption": "A dog."}, {"image_id": 7, "caption": "x"}]}))
+    assert train.load_captions(str(coco)) == {"a.jpg": ["A dog.", "x"]}
+    csv = tmp_path / "c.csv"
+    csv.write_text("file_name,caption\nb.jpg,a cat\nb.jpg,two cats\n")
+    assert train.load_captions(str(csv)) == {"b.jpg": ["a cat", "two cats"]}
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"path": ["d/e.jpg"] * 10, "caption": [str(i) for i in range(10)]}), parquet)
+    subset = train.load_captions(str(parquet), max_captions=4, seed=1)
+    assert len(subset["d/e.jpg"]) == 4 and subset == train.load_captions(str(parquet), max_captions=4, seed=1)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,text\nx,y\n")
+    with pytest.raises(ValueError, match="needs columns"):
+        train.load_captions(str(bad))
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    train._save_optimizer(opt, str(tmp_path / "opt.safetensors"))
+    fresh = torch.optim.Adam(model.parameters(), lr=0.5)
+    train._load_optimizer(fresh, str(tmp_path / "opt.safetensors"))
+    assert fresh.param_groups[0]["lr"] == 0.1
+    for a, b in zip(opt.state.values(), fresh.state.values()):
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    assert train.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert train.lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert train.lr_factor(100, 10, 100) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def features(ray_session, tiny_synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("features")
+    assert extract_job.main(["--input", str(tiny_synth / "images"), "--output", str(out),
+                             "--encoder-weights", "random", "--shard-size", "20"]) == 0
+    return out
+
+
+def _train_args(tiny_synth, features, output, epochs: int) -> list[str]:
+    return ["--features", str(features), "--captions", str(tiny_synth / "captions.json"),
+            "--split-file", str(tiny_synth / "splits.json"), "--output", str(output),
+            "--epochs", str(epochs), "--workers", "2", "--batch-size", "4"]
+
+
+def _history(model) -> list[dict]:
+    return [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rerun_of_the_same_command_resumes(ray_session, tiny_synth, features, tmp_path):
+    model = tmp_path / "model"
+    assert train_job.main(_train_args(tiny_synth, features, model, 1)) == 0
+    first = _history(model)
+    assert train_job.main(_train_args(tiny_synth, features, model, 3)) == 0
+    history = _history(model)
+    assert [m["epoch"] for m in history] == [0, 1, 2]
+    assert history[0] == first[0]  # epoch 0 was not trained again
+    assert history[1]["resumed_from_epoch"] == 0
+    loaded = load_model_dir(str(model))
+    assert loaded.config["epochs"] == 3 and loaded.config["encoder_weights"] == "random"
+    assert float(loaded.model.encoder.feature_scale.mean()) != 1.0  # normalisation saved with the weights
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, features, tmp_path):
+    model = tmp_path / "model"
+    runs = tmp_path / "model.runs"
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(code=train_job.main(_train_args(tiny_synth, features, model, 4))))
+    job.start()
+    killed = False
+    while job.is_alive() and not killed:
+        job.join(timeout=0.5)  # wakes to check for the first checkpoint; not a sleep
+        if any(runs.glob("*/checkpoint_*/state.json")):
+            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            assert workers, "no training worker process found"
+            workers[-1].kill()
+            killed = True
+    job.join()
+    assert killed and result["code"] == 0
+    history = _history(model)
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
+    assert any("resumed_from_epoch" in m for m in history)  # restarted from a checkpoint, not from scratch
