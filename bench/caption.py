@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raycap import schema, synth
+from raycap import synth
 from raycap.encoder import FeatureExtractor
 from raycap.model import Captioner, ModelConfig, greedy_search
 from raycap.modeldir import write_model_dir

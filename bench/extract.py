@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from raycap import schema, synth
-from raycap.encoder import _inception_trunk, _calibrate_random, preprocess
+from raycap.encoder import _calibrate_random, _inception_trunk, preprocess
 
 
 def plain_loop(paths: list[str], batch_size: int = 32) -> float:

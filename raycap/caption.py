@@ -21,12 +21,12 @@ class CaptionModel(pipeline.ShardModel):
     def __init__(self, model: str, beam_size: int, max_length: int, length_penalty: float, precision: str,
                  batch_size: int | None, threads: int | None = None) -> None:
         super().__init__(threads)
-        self.extractor = FeatureExtractor(
-            _encoder_weights(model), precision=precision, batch_size=batch_size or 32
-        )
+        loaded = load_model_dir(model)
+        self.extractor = FeatureExtractor(loaded.config.get("encoder_weights", "imagenet"), precision=precision,
+                                          batch_size=batch_size or 16)
         if batch_size is None and self.extractor.device.type == "cuda":
             self.extractor.batch_size = 128
-        loaded = load_model_dir(model, self.extractor.device)
+        loaded.model.to(self.extractor.device)
         self.model, self.vocab, self.model_id = loaded.model, loaded.vocab, loaded.model_id
         self.feature_dtype = getattr(torch, loaded.config.get("feature_dtype", "float16"))
         self.beam_size, self.max_length, self.length_penalty = beam_size, max_length, length_penalty
@@ -76,19 +76,6 @@ def _attention_column(rows: list[np.ndarray]) -> pa.Array:
     flat = np.concatenate(rows).reshape(-1) if len(rows) else np.zeros(0, np.float16)
     inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), schema.NUM_REGIONS)
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
-
-
-def _encoder_weights(model_dir: str) -> str:
-    import json
-    import os
-
-    from raycap.modeldir import CONFIG
-
-    path = os.path.join(model_dir, CONFIG)
-    if not os.path.isfile(path):
-        raise ValueError(f"--model {model_dir!r} is not a raycap model directory (missing {CONFIG})")
-    with open(path) as f:
-        return json.load(f).get("encoder_weights", "imagenet")
 
 
 def run(config: CaptionConfig) -> dict:

@@ -34,7 +34,7 @@ class PipelineConfig:
     input: str  # folder or s3:// prefix of images (recursive; images recognised by content)
     output: str  # output root; rerunning into the same root resumes
     shard_size: int = 256  # images per output shard: the unit of retry, resume and file
-    batch_size: int | None = None  # images per model forward; None: 32 on CPU, 128 on GPU
+    batch_size: int | None = None  # images per model forward; None: 16 on CPU, 128 on GPU
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on GPUs and on CPUs with native bf16)
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0

@@ -17,7 +17,7 @@ class FeatureModel(pipeline.ShardModel):
     def __init__(self, weights: str, precision: str, batch_size: int | None, feature_dtype: str,
                  threads: int | None = None) -> None:
         super().__init__(threads)
-        self.extractor = FeatureExtractor(weights, precision=precision, batch_size=batch_size or 32)
+        self.extractor = FeatureExtractor(weights, precision=precision, batch_size=batch_size or 16)
         if batch_size is None and self.extractor.device.type == "cuda":
             self.extractor.batch_size = 128
         self.feature_dtype = feature_dtype

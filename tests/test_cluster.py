@@ -32,29 +32,72 @@ def test_cluster_yaml_passes_rays_own_validator():
 @pytest.mark.multinode
 def test_job_submit_with_token_auth(tiny_synth, tmp_path):
     """A token-authenticated head, then `ray job submit` of jobs/extract.py from this checkout."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token"),
+    }
     env.pop("RAY_ADDRESS", None)
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     temp = tmp_path / "ray"
     port = "8299"
-    subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", "6391", "--dashboard-port", port,
-                    "--dashboard-host", "127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            "--port",
+            "6391",
+            "--dashboard-port",
+            port,
+            "--dashboard-host",
+            "127.0.0.1",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     try:
         out = tmp_path / "features"
         excludes = json.dumps({"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"]})
-        submit = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(ROOT),
-                  "--runtime-env-json", excludes, "--", sys.executable, "jobs/extract.py",
-                  "--input", str(tiny_synth / "images"), "--output", str(out), "--encoder-weights", "random"]
+        submit = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{port}",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            excludes,
+            "--",
+            sys.executable,
+            "jobs/extract.py",
+            "--input",
+            str(tiny_synth / "images"),
+            "--output",
+            str(out),
+            "--encoder-weights",
+            "random",
+        ]
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "extract: 40 rows, 0 errors" in done.stdout
         assert pq.read_table(out / schema.FEATURES_DIR).num_rows == 40
         no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
         no_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "missing-token")
-        denied = subprocess.run([RAY, "job", "list", "--address", f"http://127.0.0.1:{port}"], env=no_token,
-                                capture_output=True, text=True, timeout=60)
+        denied = subprocess.run(
+            [RAY, "job", "list", "--address", f"http://127.0.0.1:{port}"],
+            env=no_token,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert denied.returncode != 0  # without the token the head refuses
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
@@ -66,8 +109,14 @@ def test_worker_node_lost_mid_extraction_every_image_exactly_once(tiny_synth, tm
     out = tmp_path / "features"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_extract.py"), str(tiny_synth / "images"),
-                           str(out)], env=env, capture_output=True, text=True, timeout=500, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "multinode_extract.py"), str(tiny_synth / "images"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["removed"] and report["manifest"]["rows"] == 40

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from jobs import extract as extract_job
@@ -41,12 +40,14 @@ def make_corpus(root: Path) -> tuple[set[str], dict[str, str]]:
         "png named.jpg": lambda p: _save(p, _noise(50, 40), "PNG"),
         "nested/deeper/cmyk.jpg": lambda p: _save(p, _noise(60, 40, "CMYK"), "JPEG"),
         "nested/grey.png": lambda p: _save(p, _noise(30, 20, "L"), "PNG"),
-        "sixteen.png": lambda p: _save(p, Image.fromarray((np.arange(64 * 32).reshape(32, 64) * 30).astype(np.uint16)),
-                                       "PNG"),
+        "sixteen.png": lambda p: _save(
+            p, Image.fromarray((np.arange(64 * 32).reshape(32, 64) * 30).astype(np.uint16)), "PNG"
+        ),
         "palette.png": lambda p: _save(p, _noise(40, 40).convert("P"), "PNG", transparency=0),
         "alpha.png": lambda p: _save(p, _noise(40, 40, "RGBA"), "PNG"),
-        "animated.gif": lambda p: _save(p, _noise(32, 32).convert("P"), "GIF", save_all=True,
-                                        append_images=[_noise(32, 32, seed=1).convert("P")]),
+        "animated.gif": lambda p: _save(
+            p, _noise(32, 32).convert("P"), "GIF", save_all=True, append_images=[_noise(32, 32, seed=1).convert("P")]
+        ),
         "photo.webp": lambda p: _save(p, _noise(48, 32), "WEBP"),
         "bitmap.bmp": lambda p: _save(p, _noise(48, 32), "BMP"),
         "scan.tiff": lambda p: _save(p, _noise(48, 32), "TIFF"),
@@ -90,8 +91,20 @@ def _rows(out: Path) -> tuple[list[dict], list[dict]]:
 def test_every_file_is_exactly_one_feature_or_error_row(ray_session, tmp_path):
     src, out = tmp_path / "corpus", tmp_path / "out"
     good, bad = make_corpus(src)
-    code = extract_job.main(["--input", str(src), "--output", str(out), "--encoder-weights", "random",
-                             "--shard-size", "5", "--max-pixels", "10000000"])
+    code = extract_job.main(
+        [
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--encoder-weights",
+            "random",
+            "--shard-size",
+            "5",
+            "--max-pixels",
+            "10000000",
+        ]
+    )
     assert code == 0
     features, errors = _rows(out)
     assert sorted(r[schema.IMAGE_ID] for r in features) == sorted(good)
@@ -112,8 +125,22 @@ def test_every_file_is_exactly_one_feature_or_error_row(ray_session, tmp_path):
 def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
     src = tmp_path / "corpus"
     make_corpus(src)
-    code = extract_job.main(["--input", str(src), "--output", str(tmp_path / "out"), "--encoder-weights", "random",
-                             "--shard-size", "20", "--max-errors", "0", "--max-pixels", "10000000"])
+    code = extract_job.main(
+        [
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out"),
+            "--encoder-weights",
+            "random",
+            "--shard-size",
+            "20",
+            "--max-errors",
+            "0",
+            "--max-pixels",
+            "10000000",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "over --max-errors 0" in err[0]
@@ -121,8 +148,16 @@ def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
 
 def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_synth, tmp_path):
     out = tmp_path / "out"
-    args = ["--input", str(tiny_synth / "images"), "--output", str(out), "--encoder-weights", "random",
-            "--shard-size", "8"]
+    args = [
+        "--input",
+        str(tiny_synth / "images"),
+        "--output",
+        str(out),
+        "--encoder-weights",
+        "random",
+        "--shard-size",
+        "8",
+    ]
     assert extract_job.main(args) == 0
     first = {r[schema.IMAGE_ID]: r[schema.FEATURES] for r in _rows(out)[0]}
     # Simulate a crash mid-run: one shard lost its marker, another never wrote anything.
@@ -144,8 +179,21 @@ def test_rerun_with_another_input_is_refused(ray_session, tiny_synth, tmp_path, 
     out = tmp_path / "out"
     other = tmp_path / "other"
     shutil.copytree(tiny_synth / "images", other)
-    assert extract_job.main(["--input", str(tiny_synth / "images"), "--output", str(out),
-                             "--encoder-weights", "random", "--shard-size", "40"]) == 0
+    assert (
+        extract_job.main(
+            [
+                "--input",
+                str(tiny_synth / "images"),
+                "--output",
+                str(out),
+                "--encoder-weights",
+                "random",
+                "--shard-size",
+                "40",
+            ]
+        )
+        == 0
+    )
     assert extract_job.main(["--input", str(other), "--output", str(out), "--encoder-weights", "random"]) == 2
     assert "another input" in capsys.readouterr().err
 
@@ -157,8 +205,23 @@ def test_s3_round_trip_through_moto_server(ray_session, tiny_synth, s3_server):
     fs.mkdir("raycap-test")
     fs.put(str(tiny_synth / "images"), "raycap-test/in/images", recursive=True)
     options = json.dumps(s3_server)
-    assert extract_job.main(["--input", "s3://raycap-test/in/images", "--output", "s3://raycap-test/out",
-                             "--encoder-weights", "random", "--shard-size", "16", "--storage-options", options]) == 0
+    assert (
+        extract_job.main(
+            [
+                "--input",
+                "s3://raycap-test/in/images",
+                "--output",
+                "s3://raycap-test/out",
+                "--encoder-weights",
+                "random",
+                "--shard-size",
+                "16",
+                "--storage-options",
+                options,
+            ]
+        )
+        == 0
+    )
     files = sorted(fs.ls("raycap-test/out/features"))
     assert [f.rsplit("/", 1)[1] for f in files] == [f"shard-{i:06d}.parquet" for i in range(3)]
     table = pq.read_table(files, filesystem=fs)
@@ -171,8 +234,20 @@ def test_s3_round_trip_through_moto_server(ray_session, tiny_synth, s3_server):
 def test_killed_driver_then_rerun_is_exactly_once(tiny_synth, tmp_path):
     """SIGKILL the whole driver (embedded Ray included) after its first finished shard, then rerun."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "raycap.cli", "extract", "--input", str(tiny_synth / "images"), "--output", str(out),
-           "--encoder-weights", "random", "--shard-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raycap.cli",
+        "extract",
+        "--input",
+        str(tiny_synth / "images"),
+        "--output",
+        str(out),
+        "--encoder-weights",
+        "random",
+        "--shard-size",
+        "4",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = out / schema.SHARDS_DIR
     deadline = time.monotonic() + 240

@@ -38,8 +38,14 @@ def test_split_is_by_image_and_seeded(tmp_path):
 
 def test_load_captions_from_coco_csv_and_parquet(tmp_path):
     coco = tmp_path / "c.json"
-    coco.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.jpg"}],
-                                "annotations": [{"image_id": 7, "caption": "A dog."}, {"image_id": 7, "caption": "x"}]}))
+    coco.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 7, "file_name": "a.jpg"}],
+                "annotations": [{"image_id": 7, "caption": "A dog."}, {"image_id": 7, "caption": "x"}],
+            }
+        )
+    )
     assert train.load_captions(str(coco)) == {"a.jpg": ["A dog.", "x"]}
     csv = tmp_path / "c.csv"
     csv.write_text("file_name,caption\nb.jpg,a cat\nb.jpg,two cats\n")
@@ -76,15 +82,41 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 @pytest.fixture(scope="module")
 def features(ray_session, tiny_synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("features")
-    assert extract_job.main(["--input", str(tiny_synth / "images"), "--output", str(out),
-                             "--encoder-weights", "random", "--shard-size", "20"]) == 0
+    assert (
+        extract_job.main(
+            [
+                "--input",
+                str(tiny_synth / "images"),
+                "--output",
+                str(out),
+                "--encoder-weights",
+                "random",
+                "--shard-size",
+                "20",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def _train_args(tiny_synth, features, output, epochs: int) -> list[str]:
-    return ["--features", str(features), "--captions", str(tiny_synth / "captions.json"),
-            "--split-file", str(tiny_synth / "splits.json"), "--output", str(output),
-            "--epochs", str(epochs), "--workers", "2", "--batch-size", "4"]
+    return [
+        "--features",
+        str(features),
+        "--captions",
+        str(tiny_synth / "captions.json"),
+        "--split-file",
+        str(tiny_synth / "splits.json"),
+        "--output",
+        str(output),
+        "--epochs",
+        str(epochs),
+        "--workers",
+        "2",
+        "--batch-size",
+        "4",
+    ]
 
 
 def _history(model) -> list[dict]:
@@ -109,13 +141,17 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, feat
     model = tmp_path / "model"
     runs = tmp_path / "model.runs"
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(code=train_job.main(_train_args(tiny_synth, features, model, 4))))
+    job = threading.Thread(
+        target=lambda: result.update(code=train_job.main(_train_args(tiny_synth, features, model, 4)))
+    )
     job.start()
     killed = False
     while job.is_alive() and not killed:
         job.join(timeout=0.5)  # wakes to check for the first checkpoint; not a sleep
         if any(runs.glob("*/checkpoint_*/state.json")):
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            workers = [
+                p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+            ]
             assert workers, "no training worker process found"
             workers[-1].kill()
             killed = True
