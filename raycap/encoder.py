@@ -154,10 +154,10 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, 299, 299, 3) uint8 -> (B, 64, 2048) float32 on this extractor's device."""
-        pixels = torch.as_tensor(pixels)
         outputs = []
         for i in range(0, len(pixels), self.batch_size):
-            chunk = pixels[i : i + self.batch_size].to(self.device, non_blocking=True)  # uint8 over the bus
+            chunk = torch.as_tensor(np.array(pixels[i : i + self.batch_size]))  # a small writable copy
+            chunk = chunk.to(self.device, non_blocking=True)  # uint8 over the bus
             x = preprocess(chunk).contiguous(memory_format=self.memory_format)
             with self._autocast():
                 y = self.trunk(x)  # (b, 2048, 8, 8)

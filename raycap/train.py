@@ -179,7 +179,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model.encoder.set_normalization(torch.tensor(cfg["feature_mean"]), torch.tensor(cfg["feature_std"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"])
     start_epoch, step, history, resumed_from = 0, 0, [], None
-    checkpoint = ray.train.get_checkpoint()
+    # Within a run Ray Train hands back the last reported checkpoint after a failure; a rerun of the same
+    # command starts from the newest checkpoint of the earlier runs (Train V2 has no resume_from_checkpoint).
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg["resume"]) if cfg["resume"] else None)
     if checkpoint:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
@@ -316,7 +318,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             "warmup_steps": config.warmup_steps, "total_steps": steps_per_epoch * config.epochs,
             "grad_clip": config.grad_clip, "attention_penalty": config.attention_penalty,
             "threads": max(1, int(resources.get("CPU", 1)) // world),
-            "feature_mean": mean.tolist(), "feature_std": std.tolist(),
+            "feature_mean": mean.tolist(), "feature_std": std.tolist(), "resume": resume,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": worker_cpus}),
@@ -330,7 +332,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
         ),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        resume_from_checkpoint=ray.train.Checkpoint(resume) if resume else None,
     )
     result = trainer.fit()
     ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_cider", float("-inf")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 
@@ -24,15 +25,13 @@ def main(images: str, output: str) -> int:
     job = threading.Thread(target=lambda: result.update(manifest=extract.run(config)))
     job.start()
     markers = f"{output}/{schema.SHARDS_DIR}"
-    import os
-
     removed = False
     while job.is_alive():
         job.join(timeout=0.2)  # wakes to look for the first finished shard
         if not removed and os.path.isdir(markers) and os.listdir(markers):
             cluster.remove_node(doomed)  # kills its decode tasks, writers and perhaps the model actor
             removed = True
-    print(json.dumps({"removed": removed, "manifest": result.get("manifest")}))
+    print("RESULT " + json.dumps({"removed": removed, "manifest": result.get("manifest")}), flush=True)
     ray.shutdown()
     cluster.shutdown()
     return 0 if removed and result.get("manifest") else 1

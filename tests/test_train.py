@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -119,6 +121,18 @@ def _train_args(tiny_synth, features, output, epochs: int) -> list[str]:
     ]
 
 
+def _pids_of(title: str) -> list[int]:
+    """Processes whose command line (Ray sets it to the actor's class) mentions `title`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and title in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
 def _history(model) -> list[dict]:
     return [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
 
@@ -149,11 +163,9 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, feat
     while job.is_alive() and not killed:
         job.join(timeout=0.5)  # wakes to check for the first checkpoint; not a sleep
         if any(runs.glob("*/checkpoint_*/state.json")):
-            workers = [
-                p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-            ]
+            workers = _pids_of("RayTrainWorker")
             assert workers, "no training worker process found"
-            workers[-1].kill()
+            os.kill(workers[-1], signal.SIGKILL)
             killed = True
     job.join()
     assert killed and result["code"] == 0
