@@ -300,7 +300,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     world = config.workers
     steps_per_epoch = math.ceil(len(train_ids) / world / config.batch_size)
     filesystem = None if storage.is_local(fs) else fs
-    base = ray.data.read_parquet(features_dir, columns=[schema.IMAGE_ID, schema.FEATURES], filesystem=filesystem)
+    base = ray.data.read_parquet(features_dir, filesystem=filesystem).select_columns([schema.IMAGE_ID, schema.FEATURES])
     train_ds = base.map_batches(_keep_ids, fn_kwargs={"ids": train_ids}, batch_format="pyarrow")
     val_ds = base.map_batches(_keep_ids, fn_kwargs={"ids": val_ids}, batch_format="pyarrow")
     run_root = os.path.join(os.path.abspath(config.output) + ".runs")

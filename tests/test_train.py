@@ -156,13 +156,14 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, feat
     runs = tmp_path / "model.runs"
     result: dict = {}
     job = threading.Thread(
-        target=lambda: result.update(code=train_job.main(_train_args(tiny_synth, features, model, 4)))
+        target=lambda: result.update(code=train_job.main(_train_args(tiny_synth, features, model, 5)))
     )
     job.start()
     killed = False
     while job.is_alive() and not killed:
         job.join(timeout=0.5)  # wakes to check for the first checkpoint; not a sleep
-        if any(runs.glob("*/checkpoint_*/state.json")):
+        # Once epoch 1's checkpoint is on disk, epoch 0's has surely been registered with the controller.
+        if any(json.loads(p.read_text())["epoch"] >= 1 for p in runs.glob("*/checkpoint_*/state.json")):
             workers = _pids_of("RayTrainWorker")
             assert workers, "no training worker process found"
             os.kill(workers[-1], signal.SIGKILL)
@@ -170,5 +171,5 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, feat
     job.join()
     assert killed and result["code"] == 0
     history = _history(model)
-    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3, 4]
     assert any("resumed_from_epoch" in m for m in history)  # restarted from a checkpoint, not from scratch
