@@ -140,13 +140,13 @@ def _features(batch: pa.Table, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(schema.features_to_numpy(batch[schema.FEATURES]).astype(np.float32)).to(device)
 
 
-def _validate(model: Captioner, val_iter, captions: dict[str, list[list[int]]], refs: dict[str, list[str]],
-              vocab: Vocabulary, device: torch.device, batch_size: int) -> dict[str, float]:
+def _validate(model: Captioner, val_batches: list[pa.Table], captions: dict[str, list[list[int]]],
+              refs: dict[str, list[str]], vocab: Vocabulary, device: torch.device) -> dict[str, float]:
     """Teacher-forced val loss, and BLEU-4 / CIDEr of free-running greedy captions over the whole val split."""
     model.eval()
     total, count, res = 0.0, 0, {}
     with torch.no_grad():
-        for batch in val_iter.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+        for batch in val_batches:
             ids = batch[schema.IMAGE_ID].to_pylist()
             feats = _features(batch, device)
             rows, caps, index, weights = caption_batch(ids, captions)
@@ -195,6 +195,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     captions = cfg["captions"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    val_batches: list[pa.Table] | None = None  # the val split is small: read once, kept by rank 0
     autocast = device.type == "cuda"
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
@@ -223,8 +224,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if resumed_from is not None:
             metrics["resumed_from_epoch"], resumed_from = resumed_from, None
         if rank == 0:
-            metrics.update(_validate(core, val_shard, cfg["val_captions"], cfg["val_refs"], vocab, device,
-                                     cfg["batch_size"]))
+            if val_batches is None:
+                val_batches = list(val_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow"))
+            metrics.update(_validate(core, val_batches, cfg["val_captions"], cfg["val_refs"], vocab, device))
             history.append(metrics)
             print("epoch " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in metrics.items()), flush=True)

@@ -10,26 +10,13 @@ from jobs import caption as caption_job
 from jobs import extract as extract_job
 from jobs import train as train_job
 from raycap import cli, schema
+from tests.helpers import extract
 
 
 def test_pipeline_end_to_end(ray_session, tiny_synth, tmp_path):
     data = tiny_synth
     features, model, out = tmp_path / "features", tmp_path / "model", tmp_path / "captions"
-    assert (
-        extract_job.main(
-            [
-                "--input",
-                str(data / "images"),
-                "--output",
-                str(features),
-                "--encoder-weights",
-                "random",
-                "--shard-size",
-                "16",
-            ]
-        )
-        == 0
-    )
+    assert extract(str(data / "images"), str(features), "--shard-size", "16") == 0
     manifest = json.loads((features / schema.MANIFEST_FILE).read_text())
     assert manifest["rows"] == 40 and manifest["errors"] == 0 and manifest["shards"] == 3
     table = pq.read_table(features / schema.FEATURES_DIR)
@@ -113,9 +100,7 @@ def test_pipeline_end_to_end(ray_session, tiny_synth, tmp_path):
 def test_user_mistakes_are_one_line_errors(ray_session, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (
-        extract_job.main(["--input", str(empty), "--output", str(tmp_path / "o"), "--encoder-weights", "random"]) == 2
-    )
+    assert extract(str(empty), str(tmp_path / "o")) == 2
     assert extract_job.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
     assert caption_job.main(["--input", str(empty), "--output", str(tmp_path / "c"), "--model", str(empty)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

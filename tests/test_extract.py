@@ -18,6 +18,7 @@ from PIL import Image
 
 from jobs import extract as extract_job
 from raycap import schema
+from tests.helpers import extract
 
 
 def _save(path: Path, img: Image.Image, fmt: str, **kwargs) -> None:
@@ -91,20 +92,7 @@ def _rows(out: Path) -> tuple[list[dict], list[dict]]:
 def test_every_file_is_exactly_one_feature_or_error_row(ray_session, tmp_path):
     src, out = tmp_path / "corpus", tmp_path / "out"
     good, bad = make_corpus(src)
-    code = extract_job.main(
-        [
-            "--input",
-            str(src),
-            "--output",
-            str(out),
-            "--encoder-weights",
-            "random",
-            "--shard-size",
-            "5",
-            "--max-pixels",
-            "10000000",
-        ]
-    )
+    code = extract(str(src), str(out), "--shard-size", "5", "--max-pixels", "10000000")
     assert code == 0
     features, errors = _rows(out)
     assert sorted(r[schema.IMAGE_ID] for r in features) == sorted(good)
@@ -125,21 +113,8 @@ def test_every_file_is_exactly_one_feature_or_error_row(ray_session, tmp_path):
 def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
     src = tmp_path / "corpus"
     make_corpus(src)
-    code = extract_job.main(
-        [
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "out"),
-            "--encoder-weights",
-            "random",
-            "--shard-size",
-            "20",
-            "--max-errors",
-            "0",
-            "--max-pixels",
-            "10000000",
-        ]
+    code = extract(
+        str(src), str(tmp_path / "out"), "--shard-size", "20", "--max-errors", "0", "--max-pixels", "10000000"
     )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -179,22 +154,8 @@ def test_rerun_with_another_input_is_refused(ray_session, tiny_synth, tmp_path, 
     out = tmp_path / "out"
     other = tmp_path / "other"
     shutil.copytree(tiny_synth / "images", other)
-    assert (
-        extract_job.main(
-            [
-                "--input",
-                str(tiny_synth / "images"),
-                "--output",
-                str(out),
-                "--encoder-weights",
-                "random",
-                "--shard-size",
-                "40",
-            ]
-        )
-        == 0
-    )
-    assert extract_job.main(["--input", str(other), "--output", str(out), "--encoder-weights", "random"]) == 2
+    assert extract(str(tiny_synth / "images"), str(out), "--shard-size", "40") == 0
+    assert extract(str(other), str(out)) == 2
     assert "another input" in capsys.readouterr().err
 
 
