@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -214,7 +215,8 @@ def test_killed_driver_then_rerun_is_exactly_once(tiny_synth, tmp_path):
     deadline = time.monotonic() + 240
     while not (markers.exists() and any(markers.iterdir())):
         assert proc.poll() is None and time.monotonic() < deadline, "the driver never finished a shard"
-        time.sleep(0.2)  # polling for a file, not waiting for time to pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.2)  # wakes when the driver exits, or to look for the first marker again
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / schema.MANIFEST_FILE).exists()
