@@ -124,30 +124,20 @@ def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
 
 def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_synth, tmp_path):
     out = tmp_path / "out"
-    args = [
-        "--input",
-        str(tiny_synth / "images"),
-        "--output",
-        str(out),
-        "--encoder-weights",
-        "random",
-        "--shard-size",
-        "8",
-    ]
-    assert extract_job.main(args) == 0
+    assert extract(tiny_synth / "images", out, "--shard-size", "8") == 0
     first = {r[schema.IMAGE_ID]: r[schema.FEATURES] for r in _rows(out)[0]}
     # Simulate a crash mid-run: one shard lost its marker, another never wrote anything.
     (out / schema.SHARDS_DIR / "shard-000001.json").unlink()
     (out / schema.SHARDS_DIR / "shard-000003.json").unlink()
     (out / schema.FEATURES_DIR / "shard-000003.parquet").unlink()
     (out / schema.MANIFEST_FILE).unlink()
-    assert extract_job.main(args) == 0
+    assert extract(tiny_synth / "images", out, "--shard-size", "8") == 0
     manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
     assert manifest["shards_this_run"] == 2 and manifest["rows"] == 40
     rows = _rows(out)[0]
     assert len(rows) == 40 and {r[schema.IMAGE_ID] for r in rows} == set(first)
     assert all(first[r[schema.IMAGE_ID]] == r[schema.FEATURES] for r in rows)  # same encoder, same features
-    assert extract_job.main(args) == 0  # a finished output is left alone
+    assert extract(tiny_synth / "images", out, "--shard-size", "8") == 0  # a finished output is left alone
     assert json.loads((out / schema.MANIFEST_FILE).read_text())["shards_this_run"] == 0
 
 
