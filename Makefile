@@ -11,7 +11,7 @@ DEMO   := demo-output
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | { grep -v 'is ignored' || true; }
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[test]' 2>&1 | { grep -v 'is ignored' || true; }
 	$(BIN)/python -c "import raycap, ray, torch, torchvision, moto"
 	touch $(STAMP)
 

@@ -30,7 +30,8 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
     p.add_argument("--output", required=True, help="output root; rerunning into it resumes")
-    p.add_argument("--shard-size", type=int, default=256, help="images per output shard (default 256)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per output shard (default: about 4 shards per model actor, at most 256)")
     p.add_argument("--batch-size", type=int, help="images per model forward (default 16 on CPU, 128 on GPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="model precision (auto: bf16 on GPUs and CPUs with native bf16)")
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = float if isinstance(getattr(defaults, name), float) else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
                        help=f"default {getattr(defaults, name)}")
+    p.add_argument("--init-state", action="store_true",
+                   help="start the GRU from the mean region, as Show, Attend and Tell (default: zeros, the tutorial)")
     p.add_argument("--use-gpu", action="store_true", default=None, help="insist on GPUs (default: when present)")
     _add_ray(p)
 
@@ -145,7 +148,8 @@ def _run_train(a: argparse.Namespace) -> None:
     from raycap import train
 
     names = ("epochs", "workers", "batch_size", "learning_rate", "attention_penalty", "vocab_size", "max_captions",
-             "max_failures", "seed", "grad_clip", "warmup_steps", "units", "embedding_dim", "use_gpu")
+             "max_failures", "seed", "grad_clip", "warmup_steps", "units", "embedding_dim", "use_gpu",
+             "init_state")
     config = TrainConfig(a.features, a.captions, a.output, split_file=a.split_file,
                          storage_options=parse_storage_options(a.storage_options), address=a.address,
                          **{n: getattr(a, n) for n in names})

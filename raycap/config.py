@@ -33,7 +33,7 @@ class PipelineConfig:
 
     input: str  # folder or s3:// prefix of images (recursive; images recognised by content)
     output: str  # output root; rerunning into the same root resumes
-    shard_size: int = 256  # images per output shard: the unit of retry, resume and file
+    shard_size: int | None = None  # images per output shard (retry, resume, file); None: ~4 per actor, <= 256
     batch_size: int | None = None  # images per model forward; None: 16 on CPU, 128 on GPU
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on GPUs and on CPUs with native bf16)
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
@@ -44,7 +44,7 @@ class PipelineConfig:
     address: str | None = None  # Ray address; None starts an embedded local Ray
 
     def validate(self) -> None:
-        if self.shard_size < 1:
+        if self.shard_size is not None and self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -79,7 +79,6 @@ class CaptionConfig(PipelineConfig):
     beam_size: int = 3  # beams per image; 1 is greedy decoding
     max_length: int = 20  # words per caption at most
     length_penalty: float = 1.0  # beam score = log-prob / length**penalty
-    shard_size: int = 256  # images per output shard
 
     def validate(self) -> None:
         super().validate()
@@ -105,6 +104,7 @@ class TrainConfig:
     warmup_steps: int = 50  # linear warm-up steps
     grad_clip: float = 5.0  # clip the global gradient norm
     attention_penalty: float = 0.0  # doubly stochastic attention λ (Show, Attend and Tell); 0 = tutorial
+    init_state: bool = False  # GRU state starts from the mean region (Show, Attend and Tell); False = tutorial
     vocab_size: int = 5000  # top-k words incl. specials
     max_caption_length: int = 30  # words per training caption at most (longer ones are cut)
     max_captions: int | None = None  # keep at most this many captions (seeded), the tutorial's subset

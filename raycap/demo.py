@@ -41,14 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not os.path.exists(target):
                 shutil.copyfile(os.path.join(data, "images", name), target)
     cli.init_ray(None)
-    # Shards of 100 images keep both model actors busy to the end on this small set.
     step("extract", "--input", os.path.join(data, "images"), "--output", os.path.join(out, "features"),
-         "--encoder-weights", "random", "--shard-size", "100")
+         "--encoder-weights", "random")
     step("train", "--features", os.path.join(out, "features"), "--captions", os.path.join(data, "captions.json"),
          "--split-file", os.path.join(data, "splits.json"), "--output", os.path.join(out, "model"),
          "--epochs", str(args.epochs), "--workers", str(args.workers), "--batch-size", str(args.batch_size))
-    step("caption", "--input", test_images, "--output", out, "--model", os.path.join(out, "model"),
-         "--shard-size", "100")
+    step("caption", "--input", test_images, "--output", out, "--model", os.path.join(out, "model"))
     step("evaluate", "--predictions", out, "--references", os.path.join(data, "captions.json"),
          "--objects", os.path.join(data, "objects.json"), "--output", os.path.join(out, "metrics.json"))
     from raycap.evaluate import load_predictions

@@ -47,6 +47,7 @@ def run(config: ExtractConfig) -> dict:
         actors=config.actors,
         gpus_per_actor=config.gpus_per_actor,
         compression=config.compression,
+        row_bytes=schema.NUM_REGIONS * schema.FEATURE_DIM * np.dtype(config.feature_dtype).itemsize,
         storage_options=config.storage_options,
         manifest={"job": "extract", "encoder_weights": config.encoder_weights, "feature_dtype": config.feature_dtype,
                   "precision": config.precision,

@@ -18,6 +18,7 @@ class ModelConfig:
     embedding_dim: int = 256  # E: the FC encoder's output and the word embedding size (tutorial: 256)
     units: int = 512  # H: GRU units, also the attention's hidden size (tutorial: 512)
     dropout: float = 0.0  # on the GRU output before the FC layers; 0 as in the tutorial
+    init_state: bool = False  # Show, Attend and Tell: GRU state starts at tanh(W·mean(regions)); False: zeros
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,14 +83,18 @@ class Captioner(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.fc1 = nn.Linear(H, H)
         self.fc2 = nn.Linear(H, config.vocab_size)
+        self.init_h = nn.Linear(E, H) if config.init_state else None
 
     def encode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image features (B, 64, 2048) -> encoded regions (B, 64, E) and their attention projection (B, 64, U)."""
         encoded = self.encoder(features)
         return encoded, self.attention.project(encoded)
 
-    def init_hidden(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros(batch_size, self.config.units)  # (B, H): the tutorial starts at 0
+    def init_hidden(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The GRU's first state (B, H) for encoded regions (B, 64, E)."""
+        if self.init_h is None:
+            return encoded.new_zeros(encoded.shape[0], self.config.units)  # the tutorial starts at 0
+        return torch.tanh(self.init_h(encoded.mean(dim=1)))
 
     def step(
         self, words: torch.Tensor, hidden: torch.Tensor, encoded: torch.Tensor, projected: torch.Tensor
@@ -116,7 +121,7 @@ class Captioner(nn.Module):
             encoded, projected = encoded[image_index], projected[image_index]  # (N, 64, E), (N, 64, U)
         N, T = captions.shape
         lengths = (captions != 0).sum(dim=1) - 1  # steps each caption needs
-        hidden = self.init_hidden(N, encoded)
+        hidden = self.init_hidden(encoded)
         logits = encoded.new_zeros(N, T - 1, self.config.vocab_size)
         alphas = encoded.new_zeros(N, T - 1, NUM_REGIONS)
         sorted_desc = bool((lengths[:-1] >= lengths[1:]).all()) if N > 1 else True
@@ -173,7 +178,7 @@ def greedy_search(
     encoded, projected = model.encode(features)
     B = features.shape[0]
     words = torch.full((B,), start_id, dtype=torch.long, device=features.device)
-    hidden = model.init_hidden(B, encoded)
+    hidden = model.init_hidden(encoded)
     tokens = torch.zeros(B, max_length, dtype=torch.long, device=features.device)
     attention = torch.zeros(B, max_length, NUM_REGIONS, device=features.device)
     logprob = torch.zeros(B, device=features.device)
@@ -218,7 +223,7 @@ def beam_search(
     encoded, projected = model.encode(features)
     encoded = encoded.repeat_interleave(K, dim=0)  # (B*K, 64, E)
     projected = projected.repeat_interleave(K, dim=0)
-    hidden = model.init_hidden(B * K, encoded)
+    hidden = model.init_hidden(encoded)
     words = torch.full((B * K,), start_id, dtype=torch.long, device=device)
     beam_logp = torch.full((B, K), float("-inf"), device=device)
     beam_logp[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick K copies

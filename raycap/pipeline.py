@@ -10,6 +10,7 @@ module that sets concurrency, num_gpus and batch sizes.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -52,12 +53,13 @@ class ShardJob:
     rows_dir: str  # schema.FEATURES_DIR or schema.CAPTIONS_DIR
     model_cls: type  # a ShardModel subclass, built once per actor
     model_kwargs: dict[str, Any]
-    shard_size: int = 256  # images per shard: the unit of retry, resume and output file
+    shard_size: int | None = None  # images per shard (the unit of retry, resume and output file); None: auto
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
     max_errors: int | None = None  # stop once more images than this have failed (None: never)
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     compression: str = "none"  # Parquet compression of the output rows
+    row_bytes: int = 0  # size of one output row, for the in-flight memory budget
     storage_options: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
 
@@ -160,6 +162,20 @@ class TooManyErrors(RuntimeError):
     """More images failed than --max-errors allows."""
 
 
+def auto_shard_size(images: int, actors: int, per_actor: int = 4, largest: int = 256) -> int:
+    """Shards small enough that every actor gets about `per_actor` of them (so none idles at the end), and
+    large enough to amortise per-shard costs; on big inputs simply `largest`."""
+    return max(1, min(largest, math.ceil(images / (actors * per_actor))))
+
+
+def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
+    """Object-store budget of one run: per actor the shard it works on and one queued, plus a few decoded or
+    finished shards in between. Ray Data backpressures decoding at this bound, so memory does not grow
+    with the input however far decoding could run ahead of the model."""
+    pixel_bytes = int(np.prod(_PIXEL_SHAPE))
+    return (2 * actors + 4) * shard_size * (pixel_bytes + row_bytes)
+
+
 def plan_resources(job: ShardJob) -> dict[str, Any]:
     """Actor pool size, GPUs and threads per actor, CPUs for decoding, from what the cluster has."""
     resources = ray.cluster_resources()
@@ -189,13 +205,16 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
     listing = None if out_fs.exists(plan_path) else storage.list_files(in_fs, in_root)
     if listing is not None and not listing:
         raise ValueError(f"no files under {input_uri}")
-    shards = storage.load_or_create_plan(out_fs, out_root, input_uri, listing, job.shard_size)
+    res = plan_resources(job)
+    shards = storage.load_or_create_plan(out_fs, out_root, input_uri, listing,
+                                         job.shard_size or auto_shard_size(len(listing or ()), res["actors"][1]))
+    shard_size = max(len(s) for s in shards)  # the plan's, on a rerun
     done = storage.finished_shards(out_fs, out_root)
     pending = [k for k in range(len(shards)) if k not in done]
     total_images = sum(len(s) for s in shards)
     progress(f"{input_uri}: {total_images} files in {len(shards)} shards, {len(done)} already finished")
-    res = plan_resources(job)
     errors_so_far = sum(m["errors"] for m in done.values())
+    inflight = inflight_bytes(shard_size, res["actors"][1], job.row_bytes)
     if pending:
         items = [{"shard": k, "image_ids": shards[k]} for k in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -210,14 +229,20 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
         ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"output": job.output, "rows_dir": job.rows_dir,
                                        "storage_options": job.storage_options, "compression": job.compression})
-        for marker in ds.iter_rows():
-            done[int(marker["shard"])] = dict(marker)
-            errors_so_far += int(marker["errors"])
-            if job.max_errors is not None and errors_so_far > job.max_errors:
-                raise TooManyErrors(
-                    f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
-                    f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
-                )
+        data_context = ray.data.DataContext.get_current()
+        limits = data_context.execution_options.resource_limits
+        data_context.execution_options.resource_limits = limits.copy(object_store_memory=inflight)
+        try:  # the store holds at most this pipeline's in-flight shards (Ray Data backpressures the rest)
+            for marker in ds.iter_rows():
+                done[int(marker["shard"])] = dict(marker)
+                errors_so_far += int(marker["errors"])
+                if job.max_errors is not None and errors_so_far > job.max_errors:
+                    raise TooManyErrors(
+                        f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
+                        f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
+                    )
+        finally:
+            data_context.execution_options.resource_limits = limits
     elapsed = time.time() - started
     processed = sum(done[k]["rows"] + done[k]["errors"] for k in pending)
     manifest = {
@@ -228,9 +253,11 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
         "errors": sum(m["errors"] for m in done.values()),
         "shards": len(shards),
         "shards_this_run": len(pending),
+        "shard_size": shard_size,
         "seconds": round(elapsed, 2),
         "images_per_second": round(processed / elapsed, 2) if elapsed > 0 else None,
-        "resources": {k: v for k, v in res.items() if k != "actors"} | {"actors": list(res["actors"])},
+        "resources": {k: v for k, v in res.items() if k != "actors"} | {"actors": list(res["actors"]),
+                                                                        "inflight_bytes": inflight},
         "versions": _versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **job.manifest,

@@ -298,7 +298,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     manifest_path = storage.join(features_root, schema.MANIFEST_FILE)
     extract_manifest = storage.read_json(fs, manifest_path) if fs.exists(manifest_path) else {}
     mean, std = feature_statistics(fs, features_dir, set(train_ids))
-    model_cfg = ModelConfig(vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units)
+    model_cfg = ModelConfig(vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units,
+                            init_state=config.init_state)
     world = config.workers
     steps_per_epoch = math.ceil(len(train_ids) / world / config.batch_size)
     filesystem = None if storage.is_local(fs) else fs

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs import extract as extract_job
-from raycap import schema
+from raycap import pipeline, schema
 from tests.helpers import extract
 
 
@@ -122,6 +122,13 @@ def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
     assert len(err) == 1 and "over --max-errors 0" in err[0]
 
 
+def test_auto_shard_size_gives_each_actor_about_four_shards():
+    assert pipeline.auto_shard_size(1000, actors=2) == 125
+    assert pipeline.auto_shard_size(10_000_000, actors=8) == 256  # large inputs: the largest shard
+    assert pipeline.auto_shard_size(3, actors=2) == 1
+    assert pipeline.inflight_bytes(100, 2, 0) == 8 * 100 * 299 * 299 * 3
+
+
 def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_synth, tmp_path):
     out = tmp_path / "out"
     assert extract(tiny_synth / "images", out, "--shard-size", "8") == 0
@@ -131,9 +138,10 @@ def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_syn
     (out / schema.SHARDS_DIR / "shard-000003.json").unlink()
     (out / schema.FEATURES_DIR / "shard-000003.parquet").unlink()
     (out / schema.MANIFEST_FILE).unlink()
-    assert extract(tiny_synth / "images", out, "--shard-size", "8") == 0
+    assert extract(tiny_synth / "images", out) == 0  # the stored plan decides the shards, not the default
     manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
-    assert manifest["shards_this_run"] == 2 and manifest["rows"] == 40
+    assert manifest["shards_this_run"] == 2 and manifest["rows"] == 40 and manifest["shard_size"] == 8
+    assert manifest["resources"]["inflight_bytes"] == pipeline.inflight_bytes(8, 2, 64 * 2048 * 2)
     rows = _rows(out)[0]
     assert len(rows) == 40 and {r[schema.IMAGE_ID] for r in rows} == set(first)
     assert all(first[r[schema.IMAGE_ID]] == r[schema.FEATURES] for r in rows)  # same encoder, same features

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from raycap.model import Captioner, ModelConfig, beam_search, caption_loss, greedy_search
@@ -5,9 +6,10 @@ from raycap.model import Captioner, ModelConfig, beam_search, caption_loss, gree
 START, END = 2, 3
 
 
-def _model(vocab: int = 12, seed: int = 0) -> Captioner:
+def _model(vocab: int = 12, seed: int = 0, init_state: bool = False) -> Captioner:
     torch.manual_seed(seed)
-    return Captioner(ModelConfig(vocab_size=vocab, feature_dim=32, embedding_dim=16, units=24)).eval()
+    config = ModelConfig(vocab_size=vocab, feature_dim=32, embedding_dim=16, units=24, init_state=init_state)
+    return Captioner(config).eval()
 
 
 def _features(b: int = 3) -> torch.Tensor:
@@ -100,8 +102,9 @@ def test_beam_size_one_is_greedy_and_wider_beams_never_score_worse():
         assert beam4.attention[i, n:].abs().sum() == 0
 
 
-def test_beam_search_returns_the_attention_of_the_chosen_words():
-    model = _model(seed=5)
+@pytest.mark.parametrize("init_state", [False, True])
+def test_beam_search_returns_the_attention_of_the_chosen_words(init_state):
+    model = _model(seed=5, init_state=init_state)
     feats = _features(2)
     beam = beam_search(model, feats, START, END, beam_size=3, max_length=5)
     # Replaying the chosen words with teacher forcing reproduces the returned attention.
