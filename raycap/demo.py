@@ -34,13 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== {name} took {time.time() - t:.0f}s", flush=True)
 
     step("synth", "--output", data, "--num-images", str(args.num_images))
+    # The test split is captioned from its images, so it moves out of the folder the features come from.
     os.makedirs(test_images, exist_ok=True)
     with open(os.path.join(data, "splits.json")) as f:
         for name in json.load(f)["test"]:
-            target = os.path.join(test_images, name)
-            if not os.path.exists(target):
-                shutil.copyfile(os.path.join(data, "images", name), target)
-    cli.init_ray(None)
+            source = os.path.join(data, "images", name)
+            if os.path.exists(source):
+                shutil.move(source, os.path.join(test_images, name))
+    cli.init_ray(None, dashboard=False)  # one embedded Ray for every step; no dashboard: it costs CPU here
     step("extract", "--input", os.path.join(data, "images"), "--output", os.path.join(out, "features"),
          "--encoder-weights", "random")
     step("train", "--features", os.path.join(out, "features"), "--captions", os.path.join(data, "captions.json"),

@@ -199,10 +199,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     autocast = device.type == "cuda"
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
-        started, samples, loss_sum, batches = time.time(), 0, 0.0, 0
-        for batch in train_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow",
-                                              local_shuffle_buffer_size=cfg["batch_size"] * 4,
-                                              local_shuffle_seed=cfg["seed"] + epoch):
+        started, samples, loss_sum, batches, waited = time.time(), 0, 0.0, 0, 0.0
+        batches_iter = iter(train_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow",
+                                                     prefetch_batches=4,  # hide the stream's hiccups
+                                                     local_shuffle_buffer_size=cfg["batch_size"] * 4,
+                                                     local_shuffle_seed=cfg["seed"] + epoch))
+        while True:
+            t = time.time()
+            batch = next(batches_iter, None)
+            waited += time.time() - t
+            if batch is None:
+                break
             rows, caps, index, weights = caption_batch(batch[schema.IMAGE_ID].to_pylist(), captions)
             feats = _features(batch, device)[rows.to(device)]  # (M, 64, 2048)
             caps, index, weights = caps.to(device), index.to(device), weights.to(device)
@@ -220,12 +227,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             samples += int(weights.sum())
             loss_sum += float(loss)
         metrics: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, batches),
-                                   "samples_per_second": samples * ctx.get_world_size() / (time.time() - started)}
+                                   "samples_per_second": samples * ctx.get_world_size() / (time.time() - started),
+                                   "input_wait_fraction": waited / max(1e-9, time.time() - started)}
         if resumed_from is not None:
             metrics["resumed_from_epoch"], resumed_from = resumed_from, None
         if rank == 0:
             if val_batches is None:
-                val_batches = list(val_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow"))
+                val_batches = list(val_shard.iter_batches(batch_size=64, batch_format="pyarrow"))
             metrics.update(_validate(core, val_batches, cfg["val_captions"], cfg["val_refs"], vocab, device))
             history.append(metrics)
             print("epoch " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
