@@ -107,20 +107,21 @@ def test_job_submit_with_token_auth(tiny_synth, tmp_path):
 
 
 @pytest.mark.multinode
-def test_worker_node_lost_mid_extraction_every_image_exactly_once(tiny_synth, tmp_path):
-    out = tmp_path / "features"
+def test_worker_node_lost_mid_extraction_and_mid_captioning_every_image_exactly_once(tiny_synth, tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multinode_extract.py"), str(tiny_synth / "images"), str(out)],
+        [sys.executable, str(ROOT / "tests" / "multinode_pipeline.py"), str(tiny_synth / "images"), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=500,
+        timeout=600,
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert report["removed"] and report["manifest"]["rows"] == 40
-    ids = pq.read_table(out / schema.FEATURES_DIR)[schema.IMAGE_ID].to_pylist()
-    assert len(ids) == len(set(ids)) == 40
+    for job, rows_dir in (("extract", schema.FEATURES_DIR), ("caption", schema.CAPTIONS_DIR)):
+        assert report[job]["removed"] and report[job]["manifest"]["rows"] == 40, job
+        ids = pq.read_table(tmp_path / ("features" if job == "extract" else "captions") / rows_dir)[
+            schema.IMAGE_ID].to_pylist()
+        assert len(ids) == len(set(ids)) == 40, job

@@ -122,8 +122,8 @@ def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
     assert len(err) == 1 and "over --max-errors 0" in err[0]
 
 
-def test_auto_shard_size_gives_each_actor_about_four_shards():
-    assert pipeline.auto_shard_size(1000, actors=2) == 125
+def test_auto_shard_size_gives_each_actor_about_eight_shards():
+    assert pipeline.auto_shard_size(1000, actors=2) == 63
     assert pipeline.auto_shard_size(10_000_000, actors=8) == 256  # large inputs: the largest shard
     assert pipeline.auto_shard_size(3, actors=2) == 1
     assert pipeline.inflight_bytes(100, 2, 0) == 8 * 100 * 299 * 299 * 3
