@@ -20,6 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8, help="images per worker per step")
+    parser.add_argument("--units", type=int, default=256,
+                        help="GRU units (the tutorial's 512 learns a little more per epoch at twice the time)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output)
     data, test_images = os.path.join(out, "data"), os.path.join(out, "test-images")
@@ -46,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          "--encoder-weights", "random")
     step("train", "--features", os.path.join(out, "features"), "--captions", os.path.join(data, "captions.json"),
          "--split-file", os.path.join(data, "splits.json"), "--output", os.path.join(out, "model"),
-         "--epochs", str(args.epochs), "--workers", str(args.workers), "--batch-size", str(args.batch_size))
+         "--epochs", str(args.epochs), "--workers", str(args.workers), "--batch-size", str(args.batch_size),
+         "--units", str(args.units))
     step("caption", "--input", test_images, "--output", out, "--model", os.path.join(out, "model"))
     step("evaluate", "--predictions", out, "--references", os.path.join(data, "captions.json"),
          "--objects", os.path.join(data, "objects.json"), "--output", os.path.join(out, "metrics.json"))

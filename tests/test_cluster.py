@@ -1,11 +1,14 @@
-"""Cluster operations: cluster.yaml validates, `ray job submit` with token auth, a node lost mid-extraction."""
+"""Cluster operations: cluster.yaml validates, `ray job submit` with token auth, a node lost mid-job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +19,9 @@ import pytest
 import yaml
 
 from raycap import schema
+from raycap.model import Captioner, ModelConfig
+from raycap.modeldir import write_model_dir
+from raycap.text import Vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -31,9 +37,48 @@ def test_cluster_yaml_passes_rays_own_validator():
     assert "RAY_AUTH_MODE=token" in text and "aws_secret_access_key" not in text.lower()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cluster_processes(temp: Path) -> list[int]:
+    """Pids of the processes of the Ray cluster whose --temp-dir is `temp` (their command lines name it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(temp).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue  # exited meanwhile
+    return pids
+
+
+def _stop_cluster(temp: Path) -> None:
+    """Stop only this test's head (`ray stop` would also stop the test session's own Ray)."""
+    for pid in _cluster_processes(temp):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _submit(port: str, env: dict, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the new head's job agent is still starting (Ray answers 500 until then)."""
+    excludes = json.dumps({"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"]})
+    command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(ROOT),
+               "--runtime-env-json", excludes, "--", sys.executable, script, *args]
+    for _ in range(10):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+        if "No available agent to submit job" not in done.stderr:
+            break
+    return done
+
+
 @pytest.mark.multinode
 def test_job_submit_with_token_auth(tiny_synth, tmp_path):
-    """A token-authenticated head, then `ray job submit` of jobs/extract.py from this checkout."""
+    """A token-authenticated head, then `ray job submit` of jobs/extract.py and jobs/caption.py from this
+    checkout (its .venv and outputs excluded from the upload)."""
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -58,6 +103,8 @@ def test_job_submit_with_token_auth(tiny_synth, tmp_path):
             "--dashboard-host",
             "127.0.0.1",
             f"--temp-dir={temp}",
+            # Its own agent port: the default (52365) belongs to the test session's Ray when one runs.
+            f"--dashboard-agent-listen-port={_free_port()}",
             "--disable-usage-stats",
         ],
         env=env,
@@ -66,31 +113,21 @@ def test_job_submit_with_token_auth(tiny_synth, tmp_path):
     )
     try:
         out = tmp_path / "features"
-        excludes = json.dumps({"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"]})
-        submit = [
-            RAY,
-            "job",
-            "submit",
-            "--address",
-            f"http://127.0.0.1:{port}",
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            excludes,
-            "--",
-            sys.executable,
-            "jobs/extract.py",
-            "--input",
-            str(tiny_synth / "images"),
-            "--output",
-            str(out),
-            "--encoder-weights",
-            "random",
-        ]
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+        done = _submit(port, env, "jobs/extract.py", "--input", str(tiny_synth / "images"), "--output", str(out),
+                       "--encoder-weights", "random")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "extract: 40 rows, 0 errors" in done.stdout
         assert pq.read_table(out / schema.FEATURES_DIR).num_rows == 40
+        model = tmp_path / "model"  # an untrained captioner: the test is about the submission
+        vocab = Vocabulary.build(["a red circle on the left and a blue square on the right"])
+        write_model_dir(str(model), Captioner(ModelConfig(vocab_size=len(vocab))), vocab,
+                        {"encoder_weights": "random", "feature_dtype": "float16"})
+        captions = tmp_path / "captions"
+        done = _submit(port, env, "jobs/caption.py", "--input", str(tiny_synth / "images"), "--output",
+                       str(captions), "--model", str(model), "--max-length", "5")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "caption: 40 rows, 0 errors" in done.stdout
+        assert pq.read_table(captions / schema.CAPTIONS_DIR).num_rows == 40
         (tmp_path / "wrong-token").write_text(secrets.token_hex(32))
         no_token = {**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong-token")}
         denied = subprocess.run(
@@ -102,8 +139,9 @@ def test_job_submit_with_token_auth(tiny_synth, tmp_path):
         )
         assert denied.returncode != 0  # with another token the head refuses
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+    assert not _cluster_processes(temp)
 
 
 @pytest.mark.multinode
