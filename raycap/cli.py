@@ -31,7 +31,7 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
     p.add_argument("--output", required=True, help="output root; rerunning into it resumes")
     p.add_argument("--shard-size", type=int, default=None,
-                   help="images per output shard (default: about 8 shards per model actor, at most 256)")
+                   help="images per output shard (default: about 8 shards per model actor, 32 to 256 images)")
     p.add_argument("--batch-size", type=int, help="images per model forward (default 16 on CPU, 128 on GPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="model precision (auto: bf16 on GPUs and CPUs with native bf16)")

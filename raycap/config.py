@@ -33,7 +33,7 @@ class PipelineConfig:
 
     input: str  # folder or s3:// prefix of images (recursive; images recognised by content)
     output: str  # output root; rerunning into the same root resumes
-    shard_size: int | None = None  # images per output shard (retry, resume, file); None: ~8 per actor, <= 256
+    shard_size: int | None = None  # images per output shard (retry, resume, file); None: ~8 per actor, 32..256
     batch_size: int | None = None  # images per model forward; None: 16 on CPU, 128 on GPU
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on GPUs and on CPUs with native bf16)
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs

@@ -162,10 +162,10 @@ class TooManyErrors(RuntimeError):
     """More images failed than --max-errors allows."""
 
 
-def auto_shard_size(images: int, actors: int, per_actor: int = 8, largest: int = 256) -> int:
-    """Shards small enough that every actor gets about `per_actor` of them (so none idles at the end), and
-    large enough to amortise per-shard costs; on big inputs simply `largest`."""
-    return max(1, min(largest, math.ceil(images / (actors * per_actor))))
+def auto_shard_size(images: int, actors: int, per_actor: int = 8, smallest: int = 32, largest: int = 256) -> int:
+    """Shards small enough that every actor gets about `per_actor` of them (so none idles at the end), but
+    at least `smallest` images (each shard costs three scheduled tasks); on big inputs simply `largest`."""
+    return min(largest, max(smallest, math.ceil(images / (actors * per_actor))))
 
 
 def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:

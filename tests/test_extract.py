@@ -125,7 +125,7 @@ def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
 def test_auto_shard_size_gives_each_actor_about_eight_shards():
     assert pipeline.auto_shard_size(1000, actors=2) == 63
     assert pipeline.auto_shard_size(10_000_000, actors=8) == 256  # large inputs: the largest shard
-    assert pipeline.auto_shard_size(3, actors=2) == 1
+    assert pipeline.auto_shard_size(40, actors=2) == 32  # small inputs: shards worth scheduling
     assert pipeline.inflight_bytes(100, 2, 0) == 8 * 100 * 299 * 299 * 3
 
 
