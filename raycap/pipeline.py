@@ -169,9 +169,9 @@ def auto_shard_size(images: int, actors: int, per_actor: int = 8, smallest: int 
 
 
 def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
-    """Object-store budget of one run: per actor the shard it works on and one queued, plus a few decoded or
-    finished shards in between. Ray Data backpressures decoding at this bound, so memory does not grow
-    with the input however far decoding could run ahead of the model."""
+    """The object-store bound we state for one run: per actor the shard it works on and one queued, plus a few
+    decoded or finished shards in between. Recorded in the manifest; bench/memory.py checks the peak against
+    it (Ray Data's own backpressure is what keeps decoding from running far ahead of the model)."""
     pixel_bytes = int(np.prod(_PIXEL_SHAPE))
     return (2 * actors + 4) * shard_size * (pixel_bytes + row_bytes)
 
@@ -234,20 +234,14 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
         ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"output": job.output, "rows_dir": job.rows_dir,
                                        "storage_options": job.storage_options, "compression": job.compression})
-        data_context = ray.data.DataContext.get_current()
-        limits = data_context.execution_options.resource_limits
-        data_context.execution_options.resource_limits = limits.copy(object_store_memory=inflight)
-        try:  # the store holds at most this pipeline's in-flight shards (Ray Data backpressures the rest)
-            for marker in ds.iter_rows():
-                done[int(marker["shard"])] = dict(marker)
-                errors_so_far += int(marker["errors"])
-                if job.max_errors is not None and errors_so_far > job.max_errors:
-                    raise TooManyErrors(
-                        f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
-                        f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
-                    )
-        finally:
-            data_context.execution_options.resource_limits = limits
+        for marker in ds.iter_rows():
+            done[int(marker["shard"])] = dict(marker)
+            errors_so_far += int(marker["errors"])
+            if job.max_errors is not None and errors_so_far > job.max_errors:
+                raise TooManyErrors(
+                    f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
+                    f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
+                )
     elapsed = time.time() - started
     processed = sum(done[k]["rows"] + done[k]["errors"] for k in pending)
     manifest = {
