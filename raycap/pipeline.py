@@ -59,7 +59,7 @@ class ShardJob:
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     compression: str = "none"  # Parquet compression of the output rows
-    row_bytes: int = 0  # size of one output row, for the in-flight memory budget
+    row_bytes: int = 0  # size of one output row, for the stated in-flight memory bound
     storage_options: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
 
