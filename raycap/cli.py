@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", help="splits.json with train/val file names (default: seeded 95/5)")
     defaults = TrainConfig("", "", "")
     for name in ("epochs", "workers", "batch_size", "learning_rate", "attention_penalty", "vocab_size",
-                 "max_captions", "max_failures", "seed", "grad_clip", "warmup_steps", "units", "embedding_dim"):
+                 "max_captions", "max_failures", "seed", "grad_clip", "warmup_steps", "units", "embedding_dim",
+                 "cache_gb"):
         kind = float if isinstance(getattr(defaults, name), float) else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
                        help=f"default {getattr(defaults, name)}")
@@ -149,7 +150,7 @@ def _run_train(a: argparse.Namespace) -> None:
 
     names = ("epochs", "workers", "batch_size", "learning_rate", "attention_penalty", "vocab_size", "max_captions",
              "max_failures", "seed", "grad_clip", "warmup_steps", "units", "embedding_dim", "use_gpu",
-             "init_state")
+             "init_state", "cache_gb")
     config = TrainConfig(a.features, a.captions, a.output, split_file=a.split_file,
                          storage_options=parse_storage_options(a.storage_options), address=a.address,
                          **{n: getattr(a, n) for n in names})

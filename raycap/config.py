@@ -110,6 +110,7 @@ class TrainConfig:
     max_captions: int | None = None  # keep at most this many captions (seeded), the tutorial's subset
     embedding_dim: int = 256  # E
     units: int = 512  # H
+    cache_gb: float = 4.0  # per worker: keep its share of the features in memory after epoch 0 if it fits (0: stream)
     seed: int = 0  # shuffling, splits, init
     max_failures: int = 2  # restarts from the last checkpoint when a worker dies
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +124,8 @@ class TrainConfig:
             raise ValueError("--learning-rate must be > 0")
         if self.attention_penalty < 0:
             raise ValueError("--attention-penalty must be >= 0")
+        if self.cache_gb < 0:
+            raise ValueError("--cache-gb must be >= 0")
         if "://" not in self.captions and not os.path.isfile(self.captions):
             raise ValueError(f"--captions: no such file {self.captions!r}")
         if self.split_file and not os.path.isfile(self.split_file):

@@ -1,4 +1,4 @@
-"""The training job: captions + feature shards -> a model directory, with Ray Train DDP, checkpoints and resume."""
+"""The training job: features + captions -> a model directory, with Ray Train DDP, checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ import glob
 import json
 import math
 import os
-import random
+import sys
 import tempfile
 import time
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 import ray.train
@@ -26,106 +23,13 @@ from safetensors.torch import load_file, save_file
 from raycap import schema, storage
 from raycap.config import TrainConfig
 from raycap.evaluate import caption_scores
+from raycap.ingest import WorkerFeatures, caption_batch, feature_statistics, keep_ids, load_captions, split_images
 from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
 from raycap.modeldir import write_model_dir
 from raycap.text import Vocabulary
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
-
-
-def load_captions(path: str, max_captions: int | None = None, seed: int = 0) -> dict[str, list[str]]:
-    """Captions by image id from COCO captions JSON or a CSV/Parquet table of (file_name or path, caption).
-
-    With `max_captions`, a seeded random subset of captions is kept (the tutorial's 30,000 of COCO).
-    """
-    pairs: list[tuple[str, str]] = []
-    if path.endswith(".json"):
-        with open(path) as f:
-            coco = json.load(f)
-        try:
-            names = {im["id"]: im["file_name"] for im in coco["images"]}
-            pairs = [(names[a["image_id"]], a["caption"]) for a in coco["annotations"]]
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"--captions {path!r} is not COCO captions JSON (missing {e})") from None
-    else:
-        table = pq.read_table(path) if path.endswith(".parquet") else pacsv.read_csv(path)
-        key = next((c for c in ("file_name", "image_id", "path") if c in table.column_names), None)
-        if key is None or "caption" not in table.column_names:
-            raise ValueError(f"--captions {path!r} needs columns (file_name | image_id | path, caption)")
-        pairs = list(zip(table[key].to_pylist(), table["caption"].to_pylist()))
-    if max_captions is not None and len(pairs) > max_captions:
-        pairs = random.Random(seed).sample(pairs, max_captions)
-    captions: dict[str, list[str]] = {}
-    for name, caption in pairs:
-        captions.setdefault(str(name).replace(os.sep, "/"), []).append(str(caption))
-    if not captions:
-        raise ValueError(f"--captions {path!r} holds no captions")
-    return captions
-
-
-def split_images(image_ids: list[str], split_file: str | None, seed: int) -> tuple[list[str], list[str]]:
-    """Train and val image ids: from splits.json, or a seeded 95/5 split by image (never by caption)."""
-    if split_file:
-        with open(split_file) as f:
-            splits = json.load(f)
-        known = set(image_ids)
-        return [i for i in splits["train"] if i in known], [i for i in splits.get("val", []) if i in known]
-    ids = sorted(image_ids)
-    random.Random(seed).shuffle(ids)
-    n_val = max(1, len(ids) // 20)
-    return ids[n_val:], ids[:n_val]
-
-
-def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of the features of (up to `images`) training images, for the encoder's input."""
-    sums, squares, count = np.zeros(schema.FEATURE_DIM), np.zeros(schema.FEATURE_DIM), 0
-    for path in sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet")):
-        table = pq.read_table(path, columns=[schema.IMAGE_ID, schema.FEATURES], filesystem=fs)
-        table = table.filter(pc.is_in(table[schema.IMAGE_ID], value_set=pa.array(sorted(train_ids), pa.string())))
-        feats = schema.features_to_numpy(table[schema.FEATURES]).astype(np.float64).reshape(-1, schema.FEATURE_DIM)
-        sums += feats.sum(0)
-        squares += (feats**2).sum(0)
-        count += len(table)
-        if count >= images:
-            break
-    n = max(1, count * schema.NUM_REGIONS)
-    mean = sums / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(squares / n - mean**2, 0)).astype(np.float32)
-
-
-def _keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
-    return batch.filter(pc.is_in(batch[schema.IMAGE_ID], value_set=pa.array(ids, pa.string())))
-
-
-def _pad(seqs: list[list[int]]) -> torch.Tensor:
-    out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s)
-    return out
-
-
-def caption_batch(
-    image_ids: list[str], captions: dict[str, list[list[int]]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All captions of a batch of images, sorted by descending length and padded to the longest.
-
-    Returns (rows of images that have captions (M,), caption ids (N, T), image index into those rows (N,),
-    weights (N,)). An image's identical captions are decoded once and weighted by their count, which
-    leaves the loss unchanged. Sorting makes each step run only on the captions still going.
-    """
-    rows, pairs = [], []
-    for row, image_id in enumerate(image_ids):
-        caps = captions.get(image_id)
-        if not caps:
-            continue
-        for cap, count in Counter(tuple(c) for c in caps).items():
-            pairs.append((len(rows), cap, count))
-        rows.append(row)
-    pairs.sort(key=lambda p: -len(p[1]))
-    return (torch.tensor(rows, dtype=torch.long), _pad([list(p[1]) for p in pairs]),
-            torch.tensor([p[0] for p in pairs], dtype=torch.long),
-            torch.tensor([p[2] for p in pairs], dtype=torch.float32))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -193,17 +97,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     core: Captioner = model.module if hasattr(model, "module") else model
     captions = cfg["captions"]
-    train_shard = ray.train.get_dataset_shard("train")
+    train_features = WorkerFeatures(ray.train.get_dataset_shard("train"), cfg["batch_size"], cfg["seed"],
+                                    int(cfg["cache_gb"] * 2**30))
     val_shard = ray.train.get_dataset_shard("val")
     val_batches: list[pa.Table] | None = None  # the val split is small: read once, kept by rank 0
     autocast = device.type == "cuda"
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         started, samples, loss_sum, batches, waited = time.time(), 0, 0.0, 0, 0.0
-        batches_iter = iter(train_shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow",
-                                                     prefetch_batches=4,  # hide the stream's hiccups
-                                                     local_shuffle_buffer_size=cfg["batch_size"] * 4,
-                                                     local_shuffle_seed=cfg["seed"] + epoch))
+        batches_iter = train_features.batches(epoch)
         while True:
             t = time.time()
             batch = next(batches_iter, None)
@@ -236,8 +138,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 val_batches = list(val_shard.iter_batches(batch_size=64, batch_format="pyarrow"))
             metrics.update(_validate(core, val_batches, cfg["val_captions"], cfg["val_refs"], vocab, device))
             history.append(metrics)
-            print("epoch " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in metrics.items()), flush=True)
+            # Written, not printed: Ray Train's patched print would show the line twice (stdout and its logger).
+            sys.stdout.write("epoch " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in metrics.items()) + "\n")
+            sys.stdout.flush()
             with tempfile.TemporaryDirectory() as d:
                 save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
                           os.path.join(d, "model.safetensors"))
@@ -313,8 +217,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     filesystem = None if storage.is_local(fs) else fs
     base = ray.data.read_parquet(features_dir, filesystem=filesystem).select_columns([schema.IMAGE_ID, schema.FEATURES])
     # Blocks of 64 images (16 MB) whatever the shard size, so the split hands both workers data early and evenly.
-    train_ds = base.map_batches(_keep_ids, fn_kwargs={"ids": train_ids}, batch_format="pyarrow", batch_size=64)
-    val_ds = base.map_batches(_keep_ids, fn_kwargs={"ids": val_ids}, batch_format="pyarrow", batch_size=64)
+    train_ds = base.map_batches(keep_ids, fn_kwargs={"ids": train_ids}, batch_format="pyarrow", batch_size=64)
+    val_ds = base.map_batches(keep_ids, fn_kwargs={"ids": val_ids}, batch_format="pyarrow", batch_size=64)
     run_root = os.path.join(os.path.abspath(config.output) + ".runs")
     resume = _latest_checkpoint(run_root)
     resources = ray.cluster_resources()
@@ -331,6 +235,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             "grad_clip": config.grad_clip, "attention_penalty": config.attention_penalty,
             "threads": max(1, int(resources.get("CPU", 1)) // world),
             "feature_mean": mean.tolist(), "feature_std": std.tolist(), "resume": resume,
+            "cache_gb": config.cache_gb,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": worker_cpus}),

@@ -44,12 +44,15 @@ def _free_port() -> int:
 
 
 def _cluster_processes(temp: Path) -> list[int]:
-    """Pids of the processes of the Ray cluster whose --temp-dir is `temp` (their command lines name it)."""
+    """Pids of the processes of the Ray cluster whose --temp-dir is `temp`: their command lines name it, or
+    (the agents and the client server, whose titles Ray rewrites) their logs are open under it."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if str(temp).encode() in (entry / "cmdline").read_bytes():
+                if str(temp).encode() in (entry / "cmdline").read_bytes() or any(
+                    os.readlink(fd).startswith(str(temp)) for fd in (entry / "fd").iterdir()
+                ):
                     pids.append(int(entry.name))
             except OSError:
                 continue  # exited meanwhile

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from jobs import train as train_job
-from raycap import train
+from raycap import ingest, train
 from raycap.modeldir import load_model_dir
 from tests.helpers import extract
 
 
 def test_caption_batch_sorts_by_length_and_indexes_images():
     caps = {"a": [[2, 5, 3], [2, 5, 6, 7, 3], [2, 5, 3]], "b": [[2, 9, 9, 3]], "c": []}
-    rows, padded, index, weights = train.caption_batch(["c", "a", "b", "x"], caps)
+    rows, padded, index, weights = ingest.caption_batch(["c", "a", "b", "x"], caps)
     assert rows.tolist() == [1, 2]  # images without captions are dropped
     assert padded.tolist() == [[2, 5, 6, 7, 3], [2, 9, 9, 3, 0], [2, 5, 3, 0, 0]]
     assert index.tolist() == [0, 1, 0]
@@ -30,12 +30,12 @@ def test_caption_batch_sorts_by_length_and_indexes_images():
 
 def test_split_is_by_image_and_seeded(tmp_path):
     ids = [f"img_{i}.jpg" for i in range(100)]
-    tr, va = train.split_images(ids, None, seed=0)
+    tr, va = ingest.split_images(ids, None, seed=0)
     assert len(va) == 5 and not set(tr) & set(va) and set(tr) | set(va) == set(ids)
-    assert train.split_images(ids, None, seed=0) == (tr, va)
+    assert ingest.split_images(ids, None, seed=0) == (tr, va)
     splits = tmp_path / "splits.json"
     splits.write_text(json.dumps({"train": ids[:10] + ["unknown.jpg"], "val": ids[10:12]}))
-    assert train.split_images(ids, str(splits), 0) == (ids[:10], ids[10:12])
+    assert ingest.split_images(ids, str(splits), 0) == (ids[:10], ids[10:12])
 
 
 def test_load_captions_from_coco_csv_and_parquet(tmp_path):
@@ -48,18 +48,46 @@ def test_load_captions_from_coco_csv_and_parquet(tmp_path):
             }
         )
     )
-    assert train.load_captions(str(coco)) == {"a.jpg": ["A dog.", "x"]}
+    assert ingest.load_captions(str(coco)) == {"a.jpg": ["A dog.", "x"]}
     csv = tmp_path / "c.csv"
     csv.write_text("file_name,caption\nb.jpg,a cat\nb.jpg,two cats\n")
-    assert train.load_captions(str(csv)) == {"b.jpg": ["a cat", "two cats"]}
+    assert ingest.load_captions(str(csv)) == {"b.jpg": ["a cat", "two cats"]}
     parquet = tmp_path / "c.parquet"
     pq.write_table(pa.table({"path": ["d/e.jpg"] * 10, "caption": [str(i) for i in range(10)]}), parquet)
-    subset = train.load_captions(str(parquet), max_captions=4, seed=1)
-    assert len(subset["d/e.jpg"]) == 4 and subset == train.load_captions(str(parquet), max_captions=4, seed=1)
+    subset = ingest.load_captions(str(parquet), max_captions=4, seed=1)
+    assert len(subset["d/e.jpg"]) == 4 and subset == ingest.load_captions(str(parquet), max_captions=4, seed=1)
     bad = tmp_path / "bad.csv"
     bad.write_text("name,text\nx,y\n")
     with pytest.raises(ValueError, match="needs columns"):
-        train.load_captions(str(bad))
+        ingest.load_captions(str(bad))
+
+
+class _CountedShard:
+    """A real Ray DataIterator that counts how often an epoch is streamed from it."""
+
+    def __init__(self, iterator) -> None:
+        self.iterator, self.streams = iterator, 0
+
+    def iter_batches(self, **kwargs):
+        self.streams += 1
+        return self.iterator.iter_batches(**kwargs)
+
+
+@pytest.mark.parametrize("cache_bytes, streams", [(1 << 30, 1), (1000, 3)])
+def test_worker_features_stream_once_when_they_fit_and_every_epoch_when_not(ray_session, cache_bytes, streams):
+    ids = [f"i{k}" for k in range(50)]
+    table = pa.table({"image_id": ids, "features": pa.array([bytes([k]) * 64 for k in range(50)])})
+    shard = _CountedShard(ray_session.data.from_arrow(table).repartition(5).iterator())
+    features = ingest.WorkerFeatures(shard, batch_size=8, seed=0, cache_bytes=cache_bytes)
+    orders = []
+    for epoch in range(3):
+        batches = list(features.batches(epoch))
+        assert all(len(b) <= 8 for b in batches)
+        seen = [i for b in batches for i in b["image_id"].to_pylist()]
+        assert sorted(seen) == sorted(ids)  # every image once per epoch
+        orders.append(seen)
+    assert shard.streams == streams
+    assert orders[1] != orders[2]  # reshuffled each epoch, from the cache too
 
 
 def test_optimizer_state_round_trips_through_safetensors(tmp_path):

@@ -1,0 +1,151 @@
+"""Training input: captions, the split by image, feature statistics, and each worker's batches of features."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+
+from raycap import schema
+
+
+def load_captions(path: str, max_captions: int | None = None, seed: int = 0) -> dict[str, list[str]]:
+    """Captions by image id from COCO captions JSON or a CSV/Parquet table of (file_name or path, caption).
+
+    With `max_captions`, a seeded random subset of captions is kept (the tutorial's 30,000 of COCO).
+    """
+    pairs: list[tuple[str, str]] = []
+    if path.endswith(".json"):
+        with open(path) as f:
+            coco = json.load(f)
+        try:
+            names = {im["id"]: im["file_name"] for im in coco["images"]}
+            pairs = [(names[a["image_id"]], a["caption"]) for a in coco["annotations"]]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"--captions {path!r} is not COCO captions JSON (missing {e})") from None
+    else:
+        table = pq.read_table(path) if path.endswith(".parquet") else pacsv.read_csv(path)
+        key = next((c for c in ("file_name", "image_id", "path") if c in table.column_names), None)
+        if key is None or "caption" not in table.column_names:
+            raise ValueError(f"--captions {path!r} needs columns (file_name | image_id | path, caption)")
+        pairs = list(zip(table[key].to_pylist(), table["caption"].to_pylist()))
+    if max_captions is not None and len(pairs) > max_captions:
+        pairs = random.Random(seed).sample(pairs, max_captions)
+    captions: dict[str, list[str]] = {}
+    for name, caption in pairs:
+        captions.setdefault(str(name).replace(os.sep, "/"), []).append(str(caption))
+    if not captions:
+        raise ValueError(f"--captions {path!r} holds no captions")
+    return captions
+
+
+def split_images(image_ids: list[str], split_file: str | None, seed: int) -> tuple[list[str], list[str]]:
+    """Train and val image ids: from splits.json, or a seeded 95/5 split by image (never by caption)."""
+    if split_file:
+        with open(split_file) as f:
+            splits = json.load(f)
+        known = set(image_ids)
+        return [i for i in splits["train"] if i in known], [i for i in splits.get("val", []) if i in known]
+    ids = sorted(image_ids)
+    random.Random(seed).shuffle(ids)
+    n_val = max(1, len(ids) // 20)
+    return ids[n_val:], ids[:n_val]
+
+
+def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the features of (up to `images`) training images, for the encoder's input."""
+    sums, squares, count = np.zeros(schema.FEATURE_DIM), np.zeros(schema.FEATURE_DIM), 0
+    for path in sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet")):
+        table = pq.read_table(path, columns=[schema.IMAGE_ID, schema.FEATURES], filesystem=fs)
+        table = table.filter(pc.is_in(table[schema.IMAGE_ID], value_set=pa.array(sorted(train_ids), pa.string())))
+        feats = schema.features_to_numpy(table[schema.FEATURES]).astype(np.float64).reshape(-1, schema.FEATURE_DIM)
+        sums += feats.sum(0)
+        squares += (feats**2).sum(0)
+        count += len(table)
+        if count >= images:
+            break
+    n = max(1, count * schema.NUM_REGIONS)
+    mean = sums / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(squares / n - mean**2, 0)).astype(np.float32)
+
+
+def keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.is_in(batch[schema.IMAGE_ID], value_set=pa.array(ids, pa.string())))
+
+
+def _pad(seqs: list[list[int]]) -> torch.Tensor:
+    out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+def caption_batch(
+    image_ids: list[str], captions: dict[str, list[list[int]]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All captions of a batch of images, sorted by descending length and padded to the longest.
+
+    Returns (rows of images that have captions (M,), caption ids (N, T), image index into those rows (N,),
+    weights (N,)). An image's identical captions are decoded once and weighted by their count, which
+    leaves the loss unchanged. Sorting makes each step run only on the captions still going.
+    """
+    rows, pairs = [], []
+    for row, image_id in enumerate(image_ids):
+        caps = captions.get(image_id)
+        if not caps:
+            continue
+        for cap, count in Counter(tuple(c) for c in caps).items():
+            pairs.append((len(rows), cap, count))
+        rows.append(row)
+    pairs.sort(key=lambda p: -len(p[1]))
+    return (torch.tensor(rows, dtype=torch.long), _pad([list(p[1]) for p in pairs]),
+            torch.tensor([p[0] for p in pairs], dtype=torch.long),
+            torch.tensor([p[2] for p in pairs], dtype=torch.float32))
+
+
+
+class WorkerFeatures:
+    """One DDP worker's share of the training features, batch by batch, epoch after epoch.
+
+    Epoch 0 streams the worker's split of the Ray Dataset (`get_dataset_shard`) with a local shuffle. When
+    the whole share fits in `cache_bytes` it is kept in the worker's memory and later epochs reshuffle it
+    locally instead of reading and splitting every feature file again: on CPUs that stream cost a worker
+    as much time as its training steps. Shares then stay fixed across epochs (as with a DistributedSampler
+    that is not reseeded); every image is still seen exactly once per epoch across the workers.
+    """
+
+    def __init__(self, shard: Any, batch_size: int, seed: int, cache_bytes: int) -> None:
+        self.shard, self.batch_size, self.seed, self.cache_bytes = shard, batch_size, seed, cache_bytes
+        self.cached: pa.Table | None = None  # (N rows: image_id, features) once a full epoch fitted
+
+    def batches(self, epoch: int) -> Iterator[pa.Table]:
+        if self.cached is not None:
+            order = np.random.default_rng(self.seed + epoch).permutation(len(self.cached))
+            shuffled = self.cached.take(order)
+            for start in range(0, len(shuffled), self.batch_size):
+                yield shuffled.slice(start, self.batch_size)
+            return
+        kept: list[pa.Table] | None = [] if self.cache_bytes > 0 else None
+        size = 0
+        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",
+                                             prefetch_batches=4, local_shuffle_buffer_size=self.batch_size * 4,
+                                             local_shuffle_seed=self.seed + epoch):
+            if kept is not None:
+                size += batch.nbytes
+                if size <= self.cache_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None  # too big for this worker: stream every epoch
+            yield batch
+        if kept:
+            self.cached = pa.concat_tables(kept).combine_chunks()  # one copy in this worker's own memory
