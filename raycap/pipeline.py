@@ -59,7 +59,7 @@ class ShardJob:
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     compression: str = "none"  # Parquet compression of the output rows
-    row_bytes: int = 0  # size of one output row, for the stated in-flight memory bound
+    row_bytes: int = 0  # size of one output row, for the in-flight working-set estimate
     storage_options: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
 
@@ -169,9 +169,9 @@ def auto_shard_size(images: int, actors: int, per_actor: int = 8, smallest: int 
 
 
 def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
-    """The object-store bound we state for one run: per actor the shard it works on and one queued, plus a few
-    decoded or finished shards in between. Recorded in the manifest; bench/memory.py checks the peak against
-    it (Ray Data's own backpressure is what keeps decoding from running far ahead of the model)."""
+    """The run's expected object-store working set: per actor the shard it works on and one queued, plus a
+    few decoded or finished shards in between. Recorded in the manifest; the hard bound is Ray Data's own
+    executor budget (half the object store), which bench/memory.py checks with this estimate."""
     pixel_bytes = int(np.prod(_PIXEL_SHAPE))
     return (2 * actors + 4) * shard_size * (pixel_bytes + row_bytes)
 

@@ -31,6 +31,16 @@ def tiny_synth(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_features(ray_session, tiny_synth, tmp_path_factory):
+    """The tiny dataset's features in 3 shards, extracted once through jobs/extract.py."""
+    from tests.helpers import extract
+
+    out = tmp_path_factory.mktemp("features")
+    assert extract(str(tiny_synth / "images"), str(out), "--shard-size", "16") == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback (a real HTTP endpoint, as s3fs tests itself) and its s3fs options."""
     from moto.server import ThreadedMotoServer

@@ -13,10 +13,9 @@ from raycap import cli, schema
 from tests.helpers import extract
 
 
-def test_pipeline_end_to_end(ray_session, tiny_synth, tmp_path):
-    data = tiny_synth
-    features, model, out = tmp_path / "features", tmp_path / "model", tmp_path / "captions"
-    assert extract(str(data / "images"), str(features), "--shard-size", "16") == 0
+def test_pipeline_end_to_end(ray_session, tiny_synth, tiny_features, tmp_path):
+    data, features = tiny_synth, tiny_features  # extracted through jobs/extract.py with --shard-size 16
+    model, out = tmp_path / "model", tmp_path / "captions"
     manifest = json.loads((features / schema.MANIFEST_FILE).read_text())
     assert manifest["rows"] == 40 and manifest["errors"] == 0 and manifest["shards"] == 3
     table = pq.read_table(features / schema.FEATURES_DIR)

@@ -16,7 +16,6 @@ import torch
 from jobs import train as train_job
 from raycap import ingest, train
 from raycap.modeldir import load_model_dir
-from tests.helpers import extract
 
 
 def test_caption_batch_sorts_by_length_and_indexes_images():
@@ -109,13 +108,6 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert train.lr_factor(100, 10, 100) == pytest.approx(0.1)
 
 
-@pytest.fixture(scope="module")
-def features(ray_session, tiny_synth, tmp_path_factory):
-    out = tmp_path_factory.mktemp("features")
-    assert extract(str(tiny_synth / "images"), str(out), "--shard-size", "20") == 0
-    return out
-
-
 def _train_args(tiny_synth, features, output, epochs: int) -> list[str]:
     return [
         "--features",
@@ -151,11 +143,11 @@ def _history(model) -> list[dict]:
     return [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_rerun_of_the_same_command_resumes(ray_session, tiny_synth, features, tmp_path):
+def test_rerun_of_the_same_command_resumes(ray_session, tiny_synth, tiny_features, tmp_path):
     model = tmp_path / "model"
-    assert train_job.main(_train_args(tiny_synth, features, model, 1)) == 0
+    assert train_job.main(_train_args(tiny_synth, tiny_features, model, 1)) == 0
     first = _history(model)
-    assert train_job.main(_train_args(tiny_synth, features, model, 3)) == 0
+    assert train_job.main(_train_args(tiny_synth, tiny_features, model, 3)) == 0
     history = _history(model)
     assert [m["epoch"] for m in history] == [0, 1, 2]
     assert history[0] == first[0]  # epoch 0 was not trained again
@@ -165,12 +157,12 @@ def test_rerun_of_the_same_command_resumes(ray_session, tiny_synth, features, tm
     assert float(loaded.model.encoder.feature_scale.mean()) != 1.0  # normalisation saved with the weights
 
 
-def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, features, tmp_path):
+def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, tiny_features, tmp_path):
     model = tmp_path / "model"
     runs = tmp_path / "model.runs"
     result: dict = {}
     job = threading.Thread(
-        target=lambda: result.update(code=train_job.main(_train_args(tiny_synth, features, model, 3)))
+        target=lambda: result.update(code=train_job.main(_train_args(tiny_synth, tiny_features, model, 3)))
     )
     job.start()
     killed = False
