@@ -161,13 +161,13 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, tiny
     model = tmp_path / "model"
     runs = tmp_path / "model.runs"
     result: dict = {}
-    job = threading.Thread(
-        target=lambda: result.update(code=train_job.main(_train_args(tiny_synth, tiny_features, model, 3)))
-    )
+    # Streamed epochs (--cache-gb 0) take seconds even on 40 images, so the kill lands mid-training.
+    args = [*_train_args(tiny_synth, tiny_features, model, 4), "--cache-gb", "0"]
+    job = threading.Thread(target=lambda: result.update(code=train_job.main(args)))
     job.start()
     killed = False
     while job.is_alive() and not killed:
-        job.join(timeout=0.5)  # wakes to check for the first checkpoint; not a sleep
+        job.join(timeout=0.1)  # wakes to check for the first checkpoint; not a sleep
         # Once epoch 1's checkpoint is on disk, epoch 0's has surely been registered with the controller.
         if any(json.loads(p.read_text())["epoch"] >= 1 for p in runs.glob("*/checkpoint_*/state.json")):
             workers = _pids_of("RayTrainWorker")
@@ -177,5 +177,5 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, tiny
     job.join()
     assert killed and result["code"] == 0
     history = _history(model)
-    assert [m["epoch"] for m in history] == [0, 1, 2]
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
     assert any("resumed_from_epoch" in m for m in history)  # restarted from a checkpoint, not from scratch
