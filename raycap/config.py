@@ -110,7 +110,7 @@ class TrainConfig:
     max_captions: int | None = None  # keep at most this many captions (seeded), the tutorial's subset
     embedding_dim: int = 256  # E
     units: int = 512  # H
-    cache_gb: float = 4.0  # per worker: keep its share of the features in memory after epoch 0 if it fits (0: stream)
+    cache_gb: float = 0.0  # >0: a worker keeps its share in memory after epoch 0 if it fits (0: stream each epoch)
     seed: int = 0  # shuffling, splits, init
     max_failures: int = 2  # restarts from the last checkpoint when a worker dies
     storage_options: dict[str, Any] = field(default_factory=dict)

@@ -117,11 +117,11 @@ def caption_batch(
 class WorkerFeatures:
     """One DDP worker's share of the training features, batch by batch, epoch after epoch.
 
-    Epoch 0 streams the worker's split of the Ray Dataset (`get_dataset_shard`) with a local shuffle. When
-    the whole share fits in `cache_bytes` it is kept in the worker's memory and later epochs reshuffle it
-    locally instead of reading and splitting every feature file again: on CPUs that stream cost a worker
-    as much time as its training steps. Shares then stay fixed across epochs (as with a DistributedSampler
-    that is not reseeded); every image is still seen exactly once per epoch across the workers.
+    Each epoch streams the worker's split of the Ray Dataset (`get_dataset_shard`) with a local shuffle, so
+    the split between workers changes from epoch to epoch. With `cache_bytes` > 0 and a share that fits,
+    the worker keeps epoch 0's share in memory and later epochs reshuffle it locally instead of reading
+    and splitting every feature file again; shares then stay fixed (as with a DistributedSampler that is
+    not reseeded). Every image is seen exactly once per epoch across the workers either way.
     """
 
     def __init__(self, shard: Any, batch_size: int, seed: int, cache_bytes: int) -> None:

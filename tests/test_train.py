@@ -72,7 +72,7 @@ class _CountedShard:
         return self.iterator.iter_batches(**kwargs)
 
 
-@pytest.mark.parametrize("cache_bytes, streams", [(1 << 30, 1), (1000, 3)])
+@pytest.mark.parametrize("cache_bytes, streams", [(1 << 30, 1), (1000, 3), (0, 3)])
 def test_worker_features_stream_once_when_they_fit_and_every_epoch_when_not(ray_session, cache_bytes, streams):
     ids = [f"i{k}" for k in range(50)]
     table = pa.table({"image_id": ids, "features": pa.array([bytes([k]) * 64 for k in range(50)])})
@@ -145,9 +145,10 @@ def _history(model) -> list[dict]:
 
 def test_rerun_of_the_same_command_resumes(ray_session, tiny_synth, tiny_features, tmp_path):
     model = tmp_path / "model"
-    assert train_job.main(_train_args(tiny_synth, tiny_features, model, 1)) == 0
+    cached = ["--cache-gb", "1"]  # and the in-worker feature cache, through a real DDP run
+    assert train_job.main([*_train_args(tiny_synth, tiny_features, model, 1), *cached]) == 0
     first = _history(model)
-    assert train_job.main(_train_args(tiny_synth, tiny_features, model, 3)) == 0
+    assert train_job.main([*_train_args(tiny_synth, tiny_features, model, 3), *cached]) == 0
     history = _history(model)
     assert [m["epoch"] for m in history] == [0, 1, 2]
     assert history[0] == first[0]  # epoch 0 was not trained again
