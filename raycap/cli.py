@@ -105,7 +105,7 @@ def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
             "storage_options": parse_storage_options(a.storage_options), "address": a.address}
 
 
-def init_ray(address: str | None, dashboard: bool | None = None) -> None:
+def init_ray(address: str | None) -> None:
     """Connect to `address`, or start an embedded local Ray (quietly, without usage reporting)."""
     import ray
 
@@ -114,7 +114,7 @@ def init_ray(address: str | None, dashboard: bool | None = None) -> None:
         return
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]  # inside `ray job submit`
-    ray.init(address=address, log_to_driver=True, include_dashboard=dashboard,
+    ray.init(address=address, log_to_driver=True,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}} if address is None else None)
     import ray.data
 

@@ -43,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = os.path.join(data, "images", name)
             if os.path.exists(source):
                 shutil.move(source, os.path.join(test_images, name))
-    cli.init_ray(None, dashboard=False)  # one embedded Ray for every step; no dashboard: it costs CPU here
+    # One embedded Ray for every step. It keeps its dashboard: without it Ray Train's placement-group cleaner
+    # cannot query the state API and logs a warning every second of training.
+    cli.init_ray(None)
     step("extract", "--input", os.path.join(data, "images"), "--output", os.path.join(out, "features"),
          "--encoder-weights", "random")
     step("train", "--features", os.path.join(out, "features"), "--captions", os.path.join(data, "captions.json"),
