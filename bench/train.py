@@ -15,7 +15,7 @@ import time
 import torch
 
 from raycap.model import Captioner, ModelConfig, caption_loss
-from raycap.train import caption_batch
+from raycap.ingest import caption_batch
 
 
 def tutorial_step(model: Captioner, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
