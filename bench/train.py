@@ -21,7 +21,7 @@ from raycap.ingest import caption_batch
 def tutorial_step(model: Captioner, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
     """The tutorial's train_step: a Python loop over time, attention recomputed from scratch each step."""
     encoded = model.encoder(features)  # (N, 64, E): one copy per caption
-    hidden = model.init_hidden(len(captions), encoded)
+    hidden = model.init_hidden(encoded)
     logits, alphas = [], []
     for t in range(captions.shape[1] - 1):
         projected = model.attention.W1(encoded)  # recomputed every step, as the tutorial does
