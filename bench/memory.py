@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{manifest['shards']} shards of {manifest['shard_size']}")
     print(f"object store: peak {sampler.peak_used / mib:.0f} MiB of {store / mib:.0f} MiB, "
           f"spilled {sampler.spilled / mib:.0f} MiB; bound (Ray Data's budget) {bound / mib:.0f} MiB; "
-          f"peak / working-set estimate {estimate / mib:.0f} MiB = {sampler.peak_used / estimate:.2f}")
+          f"working-set estimate {estimate / mib:.0f} MiB (peak / estimate = {sampler.peak_used / estimate:.2f})")
     ok = sampler.peak_used <= bound and sampler.spilled == 0
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

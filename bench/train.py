@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from raycap.model import Captioner, ModelConfig, caption_loss
 from raycap.ingest import caption_batch
+from raycap.model import Captioner, ModelConfig, caption_loss
 
 
 def tutorial_step(model: Captioner, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
