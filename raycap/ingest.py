@@ -6,7 +6,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -65,9 +65,9 @@ def split_images(image_ids: list[str], split_file: str | None, seed: int) -> tup
 def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the features of (up to `images`) training images, for the encoder's input."""
     sums, squares, count = np.zeros(schema.FEATURE_DIM), np.zeros(schema.FEATURE_DIM), 0
+    wanted = id_set(train_ids)
     for path in sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet")):
-        table = pq.read_table(path, columns=[schema.IMAGE_ID, schema.FEATURES], filesystem=fs)
-        table = table.filter(pc.is_in(table[schema.IMAGE_ID], value_set=pa.array(sorted(train_ids), pa.string())))
+        table = keep_ids(pq.read_table(path, columns=[schema.IMAGE_ID, schema.FEATURES], filesystem=fs), wanted)
         feats = schema.features_to_numpy(table[schema.FEATURES]).astype(np.float64).reshape(-1, schema.FEATURE_DIM)
         sums += feats.sum(0)
         squares += (feats**2).sum(0)
@@ -79,8 +79,14 @@ def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int =
     return mean.astype(np.float32), np.sqrt(np.maximum(squares / n - mean**2, 0)).astype(np.float32)
 
 
-def keep_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
-    return batch.filter(pc.is_in(batch[schema.IMAGE_ID], value_set=pa.array(ids, pa.string())))
+def id_set(ids: Iterable[str]) -> pa.Array:
+    """Image ids as an Arrow value set, built once and reused by every `keep_ids` call."""
+    return pa.array(sorted(ids), pa.string())
+
+
+def keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """The rows of `batch` whose image id is in the value set `ids` (from `id_set`)."""
+    return batch.filter(pc.is_in(batch[schema.IMAGE_ID], value_set=ids))
 
 
 def _pad(seqs: list[list[int]]) -> torch.Tensor:
@@ -113,7 +119,6 @@ def caption_batch(
             torch.tensor([p[2] for p in pairs], dtype=torch.float32))
 
 
-
 class WorkerFeatures:
     """One DDP worker's share of the training features, batch by batch, epoch after epoch.
 
@@ -131,9 +136,8 @@ class WorkerFeatures:
     def batches(self, epoch: int) -> Iterator[pa.Table]:
         if self.cached is not None:
             order = np.random.default_rng(self.seed + epoch).permutation(len(self.cached))
-            shuffled = self.cached.take(order)
-            for start in range(0, len(shuffled), self.batch_size):
-                yield shuffled.slice(start, self.batch_size)
+            for start in range(0, len(order), self.batch_size):  # a batch at a time: no second copy of the share
+                yield self.cached.take(order[start : start + self.batch_size])
             return
         kept: list[pa.Table] | None = [] if self.cache_bytes > 0 else None
         size = 0

@@ -23,7 +23,15 @@ from safetensors.torch import load_file, save_file
 from raycap import schema, storage
 from raycap.config import TrainConfig
 from raycap.evaluate import caption_scores
-from raycap.ingest import WorkerFeatures, caption_batch, feature_statistics, keep_ids, load_captions, split_images
+from raycap.ingest import (
+    WorkerFeatures,
+    caption_batch,
+    feature_statistics,
+    id_set,
+    keep_ids,
+    load_captions,
+    split_images,
+)
 from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
 from raycap.modeldir import write_model_dir
 from raycap.text import Vocabulary
@@ -217,8 +225,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     filesystem = None if storage.is_local(fs) else fs
     base = ray.data.read_parquet(features_dir, filesystem=filesystem).select_columns([schema.IMAGE_ID, schema.FEATURES])
     # Blocks of 64 images (16 MB) whatever the shard size, so the split hands both workers data early and evenly.
-    train_ds = base.map_batches(keep_ids, fn_kwargs={"ids": train_ids}, batch_format="pyarrow", batch_size=64)
-    val_ds = base.map_batches(keep_ids, fn_kwargs={"ids": val_ids}, batch_format="pyarrow", batch_size=64)
+    train_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(train_ids)}, batch_format="pyarrow", batch_size=64)
+    val_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(val_ids)}, batch_format="pyarrow", batch_size=64)
     run_root = os.path.join(os.path.abspath(config.output) + ".runs")
     resume = _latest_checkpoint(run_root)
     resources = ray.cluster_resources()
