@@ -70,6 +70,42 @@ def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return sorted(ids)
 
 
+def read_bytes(location: str, storage_options: dict[str, Any] | None = None, what: str = "") -> bytes:
+    """The whole content of one file at a local path or URI; a missing or unreadable one is one ValueError line.
+
+    `what` names the flag or file in the message (e.g. "--captions").
+    """
+    fs, path = filesystem(location, storage_options)
+    label = f"{what} {location}" if what else location
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{label}: is a folder, expected a file") from None
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line naming the URI
+        raise ValueError(f"{label}: cannot read ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def read_text(location: str, storage_options: dict[str, Any] | None = None, what: str = "") -> str:
+    return read_bytes(location, storage_options, what).decode("utf-8")
+
+
+def write_bytes(location: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write one file at a local path or URI atomically (see `write_bytes_atomic`)."""
+    fs, path = filesystem(location, storage_options)
+    write_bytes_atomic(fs, path, data)
+
+
+def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(location, storage_options)
+    return fs.exists(path)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Make `path` appear complete or not at all.
 
