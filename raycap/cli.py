@@ -30,11 +30,19 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
     p.add_argument("--output", required=True, help="output root; rerunning into it resumes")
-    p.add_argument("--shard-size", type=int, default=None,
-                   help="images per output shard (default: about 8 shards per model actor, 32 to 256 images)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="images per output shard (default: about 8 shards per model actor, 32 to 256 images)",
+    )
     p.add_argument("--batch-size", type=int, help="images per model forward (default 16 on CPU, 128 on GPU)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="model precision (auto: bf16 on GPUs and CPUs with native bf16)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="model precision (auto: bf16 on GPUs and CPUs with native bf16)",
+    )
     p.add_argument("--actors", type=_actors, help="model actors: N or MIN:MAX (default: one per GPU, or by CPUs)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default 1 when GPUs exist)")
     p.add_argument("--max-errors", type=int, help="fail once more images than this are unreadable")
@@ -62,14 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="model directory; rerunning resumes from its checkpoints")
     p.add_argument("--split-file", help="splits.json with train/val file names (default: seeded 95/5)")
     defaults = TrainConfig("", "", "")
-    for name in ("epochs", "workers", "batch_size", "learning_rate", "attention_penalty", "vocab_size",
-                 "max_captions", "max_failures", "seed", "grad_clip", "warmup_steps", "units", "embedding_dim",
-                 "cache_gb"):
+    for name in (
+        "epochs",
+        "workers",
+        "batch_size",
+        "learning_rate",
+        "attention_penalty",
+        "vocab_size",
+        "max_captions",
+        "max_failures",
+        "seed",
+        "grad_clip",
+        "warmup_steps",
+        "units",
+        "embedding_dim",
+        "cache_gb",
+    ):
         kind = float if isinstance(getattr(defaults, name), float) else int
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
-                       help=f"default {getattr(defaults, name)}")
-    p.add_argument("--init-state", action="store_true",
-                   help="start the GRU from the mean region, as Show, Attend and Tell (default: zeros, the tutorial)")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=getattr(defaults, name),
+            help=f"default {getattr(defaults, name)}",
+        )
+    p.add_argument(
+        "--init-state",
+        action="store_true",
+        help="start the GRU from the mean region, as Show, Attend and Tell (default: zeros, the tutorial)",
+    )
     p.add_argument("--use-gpu", action="store_true", default=None, help="insist on GPUs (default: when present)")
     _add_ray(p)
 
@@ -99,10 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    return {"input": a.input, "output": a.output, "shard_size": a.shard_size, "batch_size": a.batch_size,
-            "precision": a.precision, "actors": a.actors, "gpus_per_actor": a.gpus_per_actor,
-            "max_errors": a.max_errors, "max_pixels": a.max_pixels,
-            "storage_options": parse_storage_options(a.storage_options), "address": a.address}
+    return {
+        "input": a.input,
+        "output": a.output,
+        "shard_size": a.shard_size,
+        "batch_size": a.batch_size,
+        "precision": a.precision,
+        "actors": a.actors,
+        "gpus_per_actor": a.gpus_per_actor,
+        "max_errors": a.max_errors,
+        "max_pixels": a.max_pixels,
+        "storage_options": parse_storage_options(a.storage_options),
+        "address": a.address,
+    }
 
 
 def init_ray(address: str | None) -> None:
@@ -114,16 +151,21 @@ def init_ray(address: str | None) -> None:
         return
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]  # inside `ray job submit`
-    ray.init(address=address, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}} if address is None else None)
+    ray.init(
+        address=address,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}} if address is None else None,
+    )
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
 def _summary(kind: str, manifest: dict[str, Any]) -> str:
-    return (f"{kind}: {manifest['rows']} rows, {manifest['errors']} errors, {manifest['images_per_second']} images/s "
-            f"({manifest['shards_this_run']} of {manifest['shards']} shards this run) -> {manifest['output']}")
+    return (
+        f"{kind}: {manifest['rows']} rows, {manifest['errors']} errors, {manifest['images_per_second']} images/s "
+        f"({manifest['shards_this_run']} of {manifest['shards']} shards this run) -> {manifest['output']}"
+    )
 
 
 def _run_extract(a: argparse.Namespace) -> None:
@@ -138,8 +180,13 @@ def _run_extract(a: argparse.Namespace) -> None:
 def _run_caption(a: argparse.Namespace) -> None:
     from raycap import caption
 
-    config = CaptionConfig(**_pipeline_kwargs(a), model=a.model, beam_size=a.beam_size, max_length=a.max_length,
-                           length_penalty=a.length_penalty)
+    config = CaptionConfig(
+        **_pipeline_kwargs(a),
+        model=a.model,
+        beam_size=a.beam_size,
+        max_length=a.max_length,
+        length_penalty=a.length_penalty,
+    )
     config.validate()
     init_ray(config.address)
     print(_summary("caption", caption.run(config)))
@@ -148,12 +195,33 @@ def _run_caption(a: argparse.Namespace) -> None:
 def _run_train(a: argparse.Namespace) -> None:
     from raycap import train
 
-    names = ("epochs", "workers", "batch_size", "learning_rate", "attention_penalty", "vocab_size", "max_captions",
-             "max_failures", "seed", "grad_clip", "warmup_steps", "units", "embedding_dim", "use_gpu",
-             "init_state", "cache_gb")
-    config = TrainConfig(a.features, a.captions, a.output, split_file=a.split_file,
-                         storage_options=parse_storage_options(a.storage_options), address=a.address,
-                         **{n: getattr(a, n) for n in names})
+    names = (
+        "epochs",
+        "workers",
+        "batch_size",
+        "learning_rate",
+        "attention_penalty",
+        "vocab_size",
+        "max_captions",
+        "max_failures",
+        "seed",
+        "grad_clip",
+        "warmup_steps",
+        "units",
+        "embedding_dim",
+        "use_gpu",
+        "init_state",
+        "cache_gb",
+    )
+    config = TrainConfig(
+        a.features,
+        a.captions,
+        a.output,
+        split_file=a.split_file,
+        storage_options=parse_storage_options(a.storage_options),
+        address=a.address,
+        **{n: getattr(a, n) for n in names},
+    )
     config.validate()
     init_ray(config.address)
     started = time.time()
@@ -195,8 +263,13 @@ def _run_report(a: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "synth": _run_synth, "extract": _run_extract, "train": _run_train, "caption": _run_caption,
-    "evaluate": _run_evaluate, "show": _run_show, "report": _run_report,
+    "synth": _run_synth,
+    "extract": _run_extract,
+    "train": _run_train,
+    "caption": _run_caption,
+    "evaluate": _run_evaluate,
+    "show": _run_show,
+    "report": _run_report,
 }
 
 

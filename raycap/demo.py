@@ -20,8 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8, help="images per worker per step")
-    parser.add_argument("--units", type=int, default=256,
-                        help="GRU units (the tutorial's 512 learns a little more per epoch at twice the time)")
+    parser.add_argument(
+        "--units",
+        type=int,
+        default=256,
+        help="GRU units (the tutorial's 512 learns a little more per epoch at twice the time)",
+    )
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output)
     data, test_images = os.path.join(out, "data"), os.path.join(out, "test-images")
@@ -46,15 +50,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One embedded Ray for every step. It keeps its dashboard: without it Ray Train's placement-group cleaner
     # cannot query the state API and logs a warning every second of training.
     cli.init_ray(None)
-    step("extract", "--input", os.path.join(data, "images"), "--output", os.path.join(out, "features"),
-         "--encoder-weights", "random")
-    step("train", "--features", os.path.join(out, "features"), "--captions", os.path.join(data, "captions.json"),
-         "--split-file", os.path.join(data, "splits.json"), "--output", os.path.join(out, "model"),
-         "--epochs", str(args.epochs), "--workers", str(args.workers), "--batch-size", str(args.batch_size),
-         "--units", str(args.units))
+    step(
+        "extract",
+        "--input",
+        os.path.join(data, "images"),
+        "--output",
+        os.path.join(out, "features"),
+        "--encoder-weights",
+        "random",
+    )
+    step(
+        "train",
+        "--features",
+        os.path.join(out, "features"),
+        "--captions",
+        os.path.join(data, "captions.json"),
+        "--split-file",
+        os.path.join(data, "splits.json"),
+        "--output",
+        os.path.join(out, "model"),
+        "--epochs",
+        str(args.epochs),
+        "--workers",
+        str(args.workers),
+        "--batch-size",
+        str(args.batch_size),
+        "--units",
+        str(args.units),
+    )
     step("caption", "--input", test_images, "--output", out, "--model", os.path.join(out, "model"))
-    step("evaluate", "--predictions", out, "--references", os.path.join(data, "captions.json"),
-         "--objects", os.path.join(data, "objects.json"), "--output", os.path.join(out, "metrics.json"))
+    step(
+        "evaluate",
+        "--predictions",
+        out,
+        "--references",
+        os.path.join(data, "captions.json"),
+        "--objects",
+        os.path.join(data, "objects.json"),
+        "--output",
+        os.path.join(out, "metrics.json"),
+    )
     from raycap.evaluate import load_predictions
 
     rows = load_predictions(out).slice(0, 5).to_pylist()
@@ -64,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nA few captions of the test split:")
     for row in rows:
         print(f"  {row['image_id']}: {row['caption']}  (score {row['score']:.3f})")
-    print(f"\nBLEU-4 {metrics['BLEU-4']:.3f}  CIDEr {metrics['CIDEr']:.3f}  object accuracy "
-          f"{metrics['object_accuracy']:.3f}  grounding {metrics.get('grounding', float('nan')):.2f}")
+    print(
+        f"\nBLEU-4 {metrics['BLEU-4']:.3f}  CIDEr {metrics['CIDEr']:.3f}  object accuracy "
+        f"{metrics['object_accuracy']:.3f}  grounding {metrics.get('grounding', float('nan')):.2f}"
+    )
     print(f"demo finished in {time.time() - started:.0f}s -> {out} (captions/, metrics.json, attention.png)")
     return 0
 

@@ -286,9 +286,7 @@ def object_scores(
 # ---------------------------------------------------------------- the whole evaluation
 
 
-def evaluate(
-    predictions: str, references: str, objects: str | None = None, *, java: bool | None = None
-) -> Result:
+def evaluate(predictions: str, references: str, objects: str | None = None, *, java: bool | None = None) -> Result:
     """Score caption predictions against COCO-format references (and synthetic objects when given).
 
     Keys: "images" scored, "unmatched" predictions without references, "tokenizer" ("ptb" | "standardize"),

@@ -93,9 +93,7 @@ def test_metrics_are_over_the_whole_set_not_per_shard(tmp_path: Path, refs: Path
     write_predictions(tmp_path / "one" / "all.parquet", rows)
     write_predictions(tmp_path / "out" / "captions" / "part-0.parquet", rows[:1])
     write_predictions(tmp_path / "out" / "captions" / "sub" / "part-1.parquet", rows[1:])
-    write_predictions(
-        tmp_path / "out" / "captions" / "_tmp" / "junk.parquet", [{"image_id": "x", "caption": "x"}]
-    )
+    write_predictions(tmp_path / "out" / "captions" / "_tmp" / "junk.parquet", [{"image_id": "x", "caption": "x"}])
     write_predictions(tmp_path / "out" / "captions" / ".part-2.parquet", rows[:1])
     (tmp_path / "out" / "captions" / "_manifest.json").write_text("{}")
     whole = evaluate(str(tmp_path / "one"), str(refs), java=False)

@@ -186,15 +186,30 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(tmp_path: Pat
     predictions = write_predictions(tmp_path / "out", rows)
     report = Path(viz.write_report(str(predictions), str(tmp_path / "report.html")))
     probe = tmp_path / "probe.html"
-    check = ("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
-             "document.body.dataset.loaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length; "
-             "document.body.dataset.total = imgs.length; });</script>")
+    check = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+        "document.body.dataset.loaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length; "
+        "document.body.dataset.total = imgs.length; });</script>"
+    )
     probe.write_text(report.read_text().replace("</body>", check + "</body>"))
     done = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     dom = done.stdout
     loaded = re.search(r'data-loaded="(\d+)"', dom)
