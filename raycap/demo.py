@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--output",
         os.path.join(out, "metrics.json"),
     )
-    from raycap.evaluate import load_predictions
+    from raycap.predictions import load_predictions
 
     rows = load_predictions(out).slice(0, 5).to_pylist()
     step("show", "--predictions", out, "--image", rows[0]["image_id"], "--output", os.path.join(out, "attention.png"))

@@ -11,14 +11,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from raycap import schema
-from raycap.evaluate import attention_matrices, open_predictions
+from raycap import schema, storage
+from raycap.predictions import attention_matrices, open_predictions
 
 PANEL = 224  # the longest side of one figure panel, pixels
 LABEL = 26  # the height of the word label above a panel
@@ -96,17 +95,17 @@ def attention_figure(image: Image.Image, tokens: Sequence[str], attention: np.nd
     return figure
 
 
-def open_image(path: str, draft: int | None = None) -> Image.Image:
-    """An image file (local or s3://) as RGB, EXIF-rotated as a person sees it; `draft` speeds large JPEGs."""
-    with fsspec.open(path, "rb") as f, Image.open(f) as img:
+def open_image(path: str, draft: int | None = None, storage_options: dict[str, Any] | None = None) -> Image.Image:
+    """An image file (local path or URI) as RGB, EXIF-rotated as a person sees it; `draft` speeds large JPEGs."""
+    with Image.open(io.BytesIO(storage.read_bytes(path, storage_options))) as img:
         if draft is not None:
             img.draft("RGB", (draft, draft))
         return ImageOps.exif_transpose(img).convert("RGB")
 
 
-def find_prediction(predictions: str, image: str) -> dict[str, Any]:
+def find_prediction(predictions: str, image: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The row for `image`: its image id or path, else a unique basename match. Attention is (T, 64)."""
-    dataset = open_predictions(predictions)
+    dataset = open_predictions(predictions, storage_options)
     table = dataset.to_table(filter=(pc.field(schema.IMAGE_ID) == image) | (pc.field(schema.PATH) == image))
     if table.num_rows == 0:
         ids = dataset.to_table(columns=[schema.IMAGE_ID]).column(schema.IMAGE_ID)
@@ -130,19 +129,14 @@ def _rows(table: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
-def _open_output(output: str) -> Any:
-    if "://" not in output or output.startswith("file://"):
-        parent = os.path.dirname(os.path.abspath(output.removeprefix("file://")))
-        os.makedirs(parent, exist_ok=True)
-    return fsspec.open(output, "wb")
-
-
-def show(predictions: str, image: str, output: str) -> str:
-    """Write the attention figure (PNG) of one image's caption to `output`; returns `output`."""
-    row = find_prediction(predictions, image)
-    figure = attention_figure(open_image(row[schema.PATH]), row[schema.TOKENS], row[schema.ATTENTION])
-    with _open_output(output) as f:
-        figure.save(f, format="PNG")
+def show(predictions: str, image: str, output: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Write the attention figure (PNG) of one image's caption to `output` (a path or URI); returns `output`."""
+    row = find_prediction(predictions, image, storage_options)
+    picture = open_image(row[schema.PATH], storage_options=storage_options)
+    figure = attention_figure(picture, row[schema.TOKENS], row[schema.ATTENTION])
+    buf = io.BytesIO()
+    figure.save(buf, format="PNG")
+    storage.write_bytes(output, buf.getvalue(), storage_options)
     return output
 
 
@@ -167,13 +161,13 @@ figcaption { font-size: .85em; }
 """
 
 
-def _item(row: dict[str, Any]) -> str:
+def _item(row: dict[str, Any], storage_options: dict[str, Any] | None = None) -> str:
     esc = html.escape
     caption = esc(row[schema.CAPTION])
     meta = f"score {row[schema.SCORE]:.3f} (mean log-probability) · model {esc(row[schema.MODEL_ID])}"
     head = f"<h2>{esc(row[schema.IMAGE_ID])}</h2>"
     try:
-        image = open_image(row[schema.PATH], draft=2 * THUMB)
+        image = open_image(row[schema.PATH], draft=2 * THUMB, storage_options=storage_options)
     except Exception as e:  # an unreadable image still gets its caption in the report
         text = f"<p class='caption'>{caption}</p><p class='meta'>{meta}</p>"
         return f"<section>{head}{text}<p class='error'>image unavailable: {esc(str(e))}</p></section>"
@@ -193,28 +187,27 @@ def _item(row: dict[str, Any]) -> str:
     )
 
 
-def write_report(predictions: str, output: str, n: int = 50) -> str:
+def write_report(predictions: str, output: str, n: int = 50, storage_options: dict[str, Any] | None = None) -> str:
     """Write one self-contained HTML page for the first `n` images by image id; returns `output`.
 
     Every picture is an inline base64 data URI and the style sheet is inline: no external assets.
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    dataset = open_predictions(predictions)
+        raise ValueError(f"--n must be at least 1, got {n}")
+    dataset = open_predictions(predictions, storage_options)
     keys = [(schema.IMAGE_ID, "ascending"), (schema.PATH, "ascending")]
     index = dataset.to_table(columns=[schema.IMAGE_ID, schema.PATH]).sort_by(keys)
     if index.num_rows == 0:
         raise ValueError(f"no predictions in {predictions}")
     chosen = index.column(schema.IMAGE_ID).slice(0, n)
     table = dataset.to_table(filter=pc.field(schema.IMAGE_ID).isin(chosen)).sort_by(keys).slice(0, n)
-    rows = _rows(table)
-    title = f"raycap captions: {len(rows)} of {index.num_rows} images"
+    items = "".join(_item(row, storage_options) for row in _rows(table))
+    title = f"raycap captions: {table.num_rows} of {index.num_rows} images"
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class='meta'>sorted by image id; heatmaps show where the model "
-        "looked while writing each word.</p>" + "".join(_item(row) for row in rows) + "</body></html>\n"
+        f"looked while writing each word.</p>{items}</body></html>\n"
     )
-    with _open_output(output) as f:
-        f.write(page.encode("utf-8"))
+    storage.write_bytes(output, page.encode("utf-8"), storage_options)
     return output

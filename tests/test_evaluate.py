@@ -1,4 +1,4 @@
-"""Tests of raycap.evaluate: caption metrics, object parsing, cells and attention grounding."""
+"""Tests of evaluation: predictions, caption metrics, object parsing, cells and attention grounding."""
 
 from __future__ import annotations
 
@@ -12,15 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycap.evaluate import (
-    attention_matrices,
-    evaluate,
-    grounding_ratio,
-    load_predictions,
-    object_cells,
-    parse_objects,
-)
+from raycap.evaluate import evaluate
+from raycap.predictions import attention_matrices, load_predictions
 from raycap.schema import CAPTIONS_SCHEMA
+from raycap.shapes_eval import grounding_ratio, object_cells, parse_objects
 
 CAPTIONS = {
     "img/0.png": ["a red circle on the left and a blue square on the top", "there is a red circle left"],
