@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raycap.evaluate import evaluate
 from raycap.predictions import attention_matrices, load_predictions
-from raycap.schema import CAPTIONS_SCHEMA
 from raycap.shapes_eval import grounding_ratio, object_cells, parse_objects
+from tests.helpers import write_predictions, write_references
 
 CAPTIONS = {
     "img/0.png": ["a red circle on the left and a blue square on the top", "there is a red circle left"],
@@ -23,39 +22,6 @@ CAPTIONS = {
     "img/2.png": ["a blue square on the bottom and a red triangle on the top", "a square and a triangle"],
     "img/3.png": ["a yellow circle on the top and a green square on the left", "a yellow circle and more"],
 }
-
-
-def write_predictions(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write rows (image_id, caption; optional tokens, attention (T, 64)) as CAPTIONS_SCHEMA Parquet."""
-    tokens = [r.get("tokens", r["caption"].split()) for r in rows]
-    att = [
-        np.asarray(r.get("attention", np.full((len(t), 64), 1 / 64)), np.float16)
-        for r, t in zip(rows, tokens, strict=True)
-    ]
-    offsets = pa.array(np.concatenate([[0], np.cumsum([len(a) for a in att])]).astype(np.int32))
-    flat = pa.array(np.concatenate([a.reshape(-1) for a in att] + [np.zeros(0, np.float16)]))
-    attention = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(flat, 64))
-    columns = {
-        "image_id": pa.array([r["image_id"] for r in rows]),
-        "path": pa.array([r.get("path", "/data/" + r["image_id"]) for r in rows]),
-        "caption": pa.array([r["caption"] for r in rows]),
-        "tokens": pa.array(tokens, pa.list_(pa.string())),
-        "score": pa.array([r.get("score", -1.0) for r in rows], pa.float32()),
-        "attention": attention,
-        "width": pa.array([64] * len(rows), pa.int32()),
-        "height": pa.array([64] * len(rows), pa.int32()),
-        "model_id": pa.array(["test"] * len(rows)),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pydict(columns, schema=CAPTIONS_SCHEMA), path)
-    return path
-
-
-def write_references(path: Path, captions: dict[str, list[str]]) -> Path:
-    images = [{"id": i, "file_name": name} for i, name in enumerate(captions)]
-    anns = [{"image_id": i, "caption": c} for i, caps in enumerate(captions.values()) for c in caps]
-    path.write_text(json.dumps({"images": images, "annotations": anns}))
-    return path
 
 
 def perfect(captions: dict[str, list[str]] = CAPTIONS) -> list[dict[str, Any]]:

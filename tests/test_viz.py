@@ -7,41 +7,13 @@ import html
 import io
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from raycap import viz
-from raycap.schema import CAPTIONS_SCHEMA
-
-
-def write_predictions(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write rows (image_id, path, caption; optional attention (T, 64)) as CAPTIONS_SCHEMA Parquet."""
-    tokens = [r["caption"].split() for r in rows]
-    att = [
-        np.asarray(r.get("attention", np.full((len(t), 64), 1 / 64)), np.float16)
-        for r, t in zip(rows, tokens, strict=True)
-    ]
-    offsets = pa.array(np.concatenate([[0], np.cumsum([len(a) for a in att])]).astype(np.int32))
-    flat = pa.array(np.concatenate([a.reshape(-1) for a in att]))
-    columns = {
-        "image_id": pa.array([r["image_id"] for r in rows]),
-        "path": pa.array([r["path"] for r in rows]),
-        "caption": pa.array([r["caption"] for r in rows]),
-        "tokens": pa.array(tokens, pa.list_(pa.string())),
-        "score": pa.array([-0.5] * len(rows), pa.float32()),
-        "attention": pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(flat, 64)),
-        "width": pa.array([64] * len(rows), pa.int32()),
-        "height": pa.array([48] * len(rows), pa.int32()),
-        "model_id": pa.array(["m<1>"] * len(rows)),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pydict(columns, schema=CAPTIONS_SCHEMA), path)
-    return path
+from tests.helpers import write_predictions
 
 
 def one_hot(cell: int) -> np.ndarray:
@@ -142,7 +114,7 @@ def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
         Image.new("RGB", (600, 300), colour).save(paths[-1])
     rows = [
         {"image_id": "c.png", "path": str(paths[2]), "caption": "never shown"},
-        {"image_id": "a.png", "path": str(paths[0]), "caption": "a <b>red</b> & wide"},
+        {"image_id": "a.png", "path": str(paths[0]), "caption": "a <b>red</b> & wide", "model_id": "m<1>"},
         {"image_id": "b.png", "path": str(paths[1]), "caption": "blue \"quoted\" 'word'"},
         {"image_id": "b0.png", "path": str(tmp_path / "missing.png"), "caption": "lost image"},
     ]
@@ -152,6 +124,7 @@ def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
     for caption in ("a <b>red</b> & wide", "blue \"quoted\" 'word'", "lost image"):
         assert html.escape(caption) in page
     assert "<b>red</b>" not in page and "never shown" not in page
+    assert "model m&lt;1&gt;" in page and "m<1>" not in page  # the model id is escaped too
     assert page.index("a.png") < page.index("b.png") < page.index("b0.png")
     imgs = re.findall(r"<img\b[^>]*>", page)
     assert len(imgs) == (1 + 4) + (1 + 3)  # the missing image has no pictures, only its caption and an error
