@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from raycap.config import CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
+from raycap.config import VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options, verbose
 from raycap.images import DEFAULT_MAX_PIXELS
+
+# Set in the environment unless already there, when not verbose (see quiet_ray).
+QUIET_RAY_ENV = {
+    # Ray Data logs to the console at ERROR and to its session log file at every level.
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+    # Workers of an embedded Ray do not print deprecation notices of Ray's and torch's internals.
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -22,9 +33,16 @@ def _actors(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or MIN:MAX, got {text!r}") from None
 
 
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options",
+        help="JSON of extra s3fs/fsspec options, e.g. '{\"anon\": true}' (endpoint and keys: the AWS_* variables)",
+    )
+
+
 def _add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: start an embedded local Ray)")
-    p.add_argument("--storage-options", help="JSON of extra s3fs/fsspec options, e.g. '{\"anon\": true}'")
+    _add_storage(p)
 
 
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
@@ -52,19 +70,25 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raycap", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help=f"also show Ray's own log lines (or set {VERBOSE_ENV}=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write the synthetic shapes benchmark (images, captions, objects, splits)")
+    p = sub.add_parser(
+        "synth", parents=[common], help="write the synthetic shapes benchmark (images, captions, objects, splits)"
+    )
     p.add_argument("--output", required=True)
     p.add_argument("--num-images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("extract", help="images -> InceptionV3 feature Parquet shards")
+    p = sub.add_parser("extract", parents=[common], help="images -> InceptionV3 feature Parquet shards")
     _add_pipeline(p)
     p.add_argument("--encoder-weights", default="imagenet", help="imagenet | random | PATH to a state dict")
     p.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
 
-    p = sub.add_parser("train", help="train the captioner with Ray Train (DDP)")
+    p = sub.add_parser("train", parents=[common], help="train the captioner with Ray Train (DDP)")
     p.add_argument("--features", required=True, help="output root of `raycap extract`")
     p.add_argument("--captions", required=True, help="COCO captions JSON or CSV/Parquet (file_name, caption)")
     p.add_argument("--output", required=True, help="model directory; rerunning resumes from its checkpoints")
@@ -101,28 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", default=None, help="insist on GPUs (default: when present)")
     _add_ray(p)
 
-    p = sub.add_parser("caption", help="images -> captions, scores and attention Parquet")
+    p = sub.add_parser("caption", parents=[common], help="images -> captions, scores and attention Parquet")
     _add_pipeline(p)
     p.add_argument("--model", required=True, help="model directory written by `raycap train`")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--length-penalty", type=float, default=1.0)
 
-    p = sub.add_parser("evaluate", help="BLEU/ROUGE-L/CIDEr(/METEOR), object accuracy and attention grounding")
-    p.add_argument("--predictions", required=True, help="output root of `raycap caption`")
-    p.add_argument("--references", required=True, help="COCO captions JSON")
-    p.add_argument("--objects", help="objects.json of the synthetic benchmark")
-    p.add_argument("--output", help="write the metrics as JSON here")
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="BLEU/ROUGE-L/CIDEr(/METEOR), object accuracy and attention grounding"
+    )
+    p.add_argument("--predictions", required=True, help="output root of `raycap caption` (path or URI)")
+    p.add_argument("--references", required=True, help="COCO captions JSON (path or URI)")
+    p.add_argument("--objects", help="objects.json of the synthetic benchmark (path or URI)")
+    p.add_argument("--output", help="write the metrics as JSON here (path or URI)")
+    _add_storage(p)
 
-    p = sub.add_parser("show", help="one image with each word's attention, a panel per word (PNG)")
-    p.add_argument("--predictions", required=True)
+    p = sub.add_parser("show", parents=[common], help="one image with each word's attention, a panel per word (PNG)")
+    p.add_argument("--predictions", required=True, help="output root of `raycap caption` (path or URI)")
     p.add_argument("--image", required=True, help="image id, file name or path")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="the PNG to write (path or URI)")
+    _add_storage(p)
 
-    p = sub.add_parser("report", help="a self-contained HTML gallery of captions and attention")
-    p.add_argument("--predictions", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--n", type=int, default=50)
+    p = sub.add_parser("report", parents=[common], help="a self-contained HTML gallery of captions and attention")
+    p.add_argument("--predictions", required=True, help="output root of `raycap caption` (path or URI)")
+    p.add_argument("--output", required=True, help="the HTML page to write (path or URI)")
+    p.add_argument("--n", type=int, default=50, help="images in the report, first by image id")
+    _add_storage(p)
     return parser
 
 
@@ -142,11 +171,30 @@ def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def quiet_ray() -> None:
+    """Keep Ray's own log lines out of the terminal unless --verbose or RAYCAP_VERBOSE=1; errors still show.
+
+    The one place raycap sets Ray's log levels; init_ray calls it before `ray.init`. Ray's log files under its
+    session directory keep the INFO lines of Ray Data and Ray Train. Environment variables reach the processes
+    of an embedded Ray; on a cluster they reach the driver (Ray Train's level is set in its RunConfig).
+    """
+    if verbose():
+        return
+    for name, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray's warnings about its own internals
+    for name in ("ray", "ray.data", "ray.train"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+                handler.setLevel(logging.ERROR)
+
+
 def init_ray(address: str | None) -> None:
     """Connect to `address`, or start an embedded local Ray (quietly, without usage reporting)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_ray()
     if ray.is_initialized():
         return
     if address is None and os.environ.get("RAY_ADDRESS"):
@@ -169,17 +217,15 @@ def _summary(kind: str, manifest: dict[str, Any]) -> str:
 
 
 def _run_extract(a: argparse.Namespace) -> None:
+    config = ExtractConfig(**_pipeline_kwargs(a), encoder_weights=a.encoder_weights, feature_dtype=a.feature_dtype)
+    config.validate()  # before importing torch and Ray: a mistake is reported in a second
     from raycap import extract
 
-    config = ExtractConfig(**_pipeline_kwargs(a), encoder_weights=a.encoder_weights, feature_dtype=a.feature_dtype)
-    config.validate()
     init_ray(config.address)
     print(_summary("extract", extract.run(config)))
 
 
 def _run_caption(a: argparse.Namespace) -> None:
-    from raycap import caption
-
     config = CaptionConfig(
         **_pipeline_kwargs(a),
         model=a.model,
@@ -187,14 +233,14 @@ def _run_caption(a: argparse.Namespace) -> None:
         max_length=a.max_length,
         length_penalty=a.length_penalty,
     )
-    config.validate()
+    config.validate()  # before importing torch and Ray: a mistake is reported in a second
+    from raycap import caption
+
     init_ray(config.address)
     print(_summary("caption", caption.run(config)))
 
 
 def _run_train(a: argparse.Namespace) -> None:
-    from raycap import train
-
     names = (
         "epochs",
         "workers",
@@ -222,7 +268,9 @@ def _run_train(a: argparse.Namespace) -> None:
         address=a.address,
         **{n: getattr(a, n) for n in names},
     )
-    config.validate()
+    config.validate()  # before importing torch and Ray: a mistake is reported in a second
+    from raycap import train
+
     init_ray(config.address)
     started = time.time()
     metrics = train.run(config)
@@ -239,27 +287,28 @@ def _run_synth(a: argparse.Namespace) -> None:
 
 
 def _run_evaluate(a: argparse.Namespace) -> None:
-    from raycap import evaluate
+    from raycap import evaluate, storage
 
-    metrics = evaluate.evaluate(a.predictions, a.references, a.objects)
+    options = parse_storage_options(a.storage_options)
+    metrics = evaluate.evaluate(a.predictions, a.references, a.objects, storage_options=options)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     if a.output:
-        os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-        with open(a.output, "w") as f:
-            f.write(text + "\n")
+        storage.write_bytes(a.output, (text + "\n").encode(), options)
     print(text)
 
 
 def _run_show(a: argparse.Namespace) -> None:
     from raycap import viz
 
-    print(f"show: {viz.show(a.predictions, a.image, a.output)}")
+    options = parse_storage_options(a.storage_options)
+    print(f"show: {viz.show(a.predictions, a.image, a.output, options)}")
 
 
 def _run_report(a: argparse.Namespace) -> None:
     from raycap import viz
 
-    print(f"report: {viz.write_report(a.predictions, a.output, a.n)}")
+    options = parse_storage_options(a.storage_options)
+    print(f"report: {viz.write_report(a.predictions, a.output, a.n, options)}")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
@@ -287,6 +336,8 @@ def _user_error(e: BaseException) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:

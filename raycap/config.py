@@ -7,7 +7,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from raycap import storage
 from raycap.images import DEFAULT_MAX_PIXELS
+
+VERBOSE_ENV = "RAYCAP_VERBOSE"  # 1: show Ray's own log lines too (as --verbose does)
+
+
+def verbose() -> bool:
+    """Whether the user asked for Ray's own log lines (--verbose or RAYCAP_VERBOSE=1)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -22,9 +30,20 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _check_weights(weights: str) -> None:
-    if weights not in ("imagenet", "random") and not weights.startswith("s3://") and not os.path.isfile(weights):
-        raise ValueError(f"--encoder-weights must be imagenet, random or an existing file, got {weights!r}")
+def require_exists(location: str, flag: str, storage_options: dict[str, Any] | None = None) -> None:
+    """One ValueError line naming `flag` when `location` (a path or URI) is missing or cannot be checked."""
+    try:
+        found = storage.exists(location, storage_options)
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line naming the URI
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"{flag} {location}: cannot read ({type(e).__name__}: {detail})") from None
+    if not found:
+        raise ValueError(f"{flag} does not exist: {location}")
+
+
+def _check_weights(weights: str, storage_options: dict[str, Any]) -> None:
+    if weights not in ("imagenet", "random"):
+        require_exists(weights, "--encoder-weights (imagenet, random or a state dict file)", storage_options)
 
 
 @dataclass
@@ -58,6 +77,7 @@ class PipelineConfig:
             raise ValueError("--max-pixels must be >= 1")
         if os.path.abspath(self.input) == os.path.abspath(self.output) and "://" not in self.input:
             raise ValueError("--output must differ from --input")
+        require_exists(self.input, "--input", self.storage_options)
 
 
 @dataclass
@@ -68,7 +88,7 @@ class ExtractConfig(PipelineConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check_weights(self.encoder_weights)
+        _check_weights(self.encoder_weights, self.storage_options)
         if self.feature_dtype not in ("float16", "float32"):
             raise ValueError(f"--feature-dtype must be float16 or float32, got {self.feature_dtype!r}")
 
@@ -88,6 +108,7 @@ class CaptionConfig(PipelineConfig):
             raise ValueError(f"--beam-size must be >= 1, got {self.beam_size}")
         if self.max_length < 1:
             raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
+        require_exists(self.model, "--model", self.storage_options)
 
 
 @dataclass
@@ -126,7 +147,7 @@ class TrainConfig:
             raise ValueError("--attention-penalty must be >= 0")
         if self.cache_gb < 0:
             raise ValueError("--cache-gb must be >= 0")
-        if "://" not in self.captions and not os.path.isfile(self.captions):
-            raise ValueError(f"--captions: no such file {self.captions!r}")
-        if self.split_file and not os.path.isfile(self.split_file):
-            raise ValueError(f"--split-file: no such file {self.split_file!r}")
+        require_exists(self.features, "--features", self.storage_options)
+        require_exists(self.captions, "--captions", self.storage_options)
+        if self.split_file:
+            require_exists(self.split_file, "--split-file", self.storage_options)

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from raycap import schema, storage
-from raycap.config import TrainConfig
+from raycap.config import TrainConfig, verbose
 from raycap.evaluate import caption_scores
 from raycap.ingest import (
     WorkerFeatures,
@@ -254,6 +254,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_cider", checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "ERROR"),  # see cli.quiet_ray
         ),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

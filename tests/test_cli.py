@@ -1,0 +1,172 @@
+"""The `raycap` command without Ray: user mistakes caught before Ray starts, evaluate/show/report on S3, verbosity."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from raycap import cli
+from tests.helpers import write_predictions, write_references
+
+CAPTIONS = {"a.png": ["a red circle on the left"], "b.png": ["a blue square on the top"]}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if a command gets as far as starting or joining Ray."""
+
+    def refuse(address):
+        raise AssertionError("Ray was started before the mistake was reported")
+
+    monkeypatch.setattr(cli, "init_ray", refuse)
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    started = time.monotonic()
+    assert cli.main(argv) == 2
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"raycap {argv[0]}: error: ")
+    return err[0]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A predictions root, its references and objects, and a plain-text file that is not JSON."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for name, caps in CAPTIONS.items():
+        Image.new("RGB", (64, 48), "white").save(images / name)
+        rows.append({"image_id": name, "path": str(images / name), "caption": caps[0]})
+    write_predictions(tmp_path / "out" / "captions" / "part-0.parquet", rows)
+    write_references(tmp_path / "captions.json", CAPTIONS)
+    (tmp_path / "notes.txt").write_text("these are notes, not JSON\n")
+    return tmp_path
+
+
+def test_a_missing_input_is_one_line_before_ray_starts(tmp_path, capsys, no_ray) -> None:
+    missing = str(tmp_path / "nonexistent")
+    line = one_error_line(capsys, ["extract", "--input", missing, "--output", str(tmp_path / "o")])
+    assert "--input" in line and missing in line
+    line = one_error_line(
+        capsys, ["extract", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--encoder-weights", missing]
+    )
+    assert "--encoder-weights" in line and missing in line
+    line = one_error_line(
+        capsys, ["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", missing]
+    )
+    assert "--model" in line and missing in line
+    line = one_error_line(
+        capsys, ["train", "--features", str(tmp_path), "--captions", missing, "--output", str(tmp_path / "m")]
+    )
+    assert "--captions" in line and missing in line
+    line = one_error_line(
+        capsys, ["train", "--features", missing, "--captions", str(tmp_path), "--output", str(tmp_path / "m")]
+    )
+    assert "--features" in line and missing in line
+
+
+def test_an_s3_input_that_does_not_exist_is_one_line_before_ray_starts(s3_server, tmp_path, capsys, no_ray) -> None:
+    options = json.dumps(s3_server)
+    line = one_error_line(
+        capsys,
+        [
+            "extract",
+            "--input",
+            "s3://no-such-bucket/images",
+            "--output",
+            str(tmp_path / "o"),
+            "--storage-options",
+            options,
+        ],
+    )
+    assert "--input" in line and "s3://no-such-bucket/images" in line
+
+
+def test_evaluate_names_the_file_that_is_not_json(data: Path, capsys) -> None:
+    notes = str(data / "notes.txt")
+    line = one_error_line(capsys, ["evaluate", "--predictions", str(data / "out"), "--references", notes])
+    assert "--references" in line and notes in line and "not a JSON file" in line
+    line = one_error_line(
+        capsys,
+        [
+            "evaluate",
+            "--predictions",
+            str(data / "out"),
+            "--references",
+            str(data / "captions.json"),
+            "--objects",
+            notes,
+        ],
+    )
+    assert "--objects" in line and notes in line
+    missing = str(data / "missing.json")
+    line = one_error_line(capsys, ["evaluate", "--predictions", str(data / "out"), "--references", missing])
+    assert "--references" in line and missing in line and "no such file" in line
+    line = one_error_line(capsys, ["evaluate", "--predictions", missing, "--references", str(data / "captions.json")])
+    assert "--predictions" in line and missing in line
+
+
+def test_evaluate_show_and_report_read_and_write_s3(s3_server, data: Path, monkeypatch) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("eval-bucket")
+    fs.put(str(data / "captions.json"), "eval-bucket/run/captions.json")
+    for name in CAPTIONS:  # the images the captions point at are on S3 too
+        fs.put(str(data / "images" / name), f"eval-bucket/images/{name}")
+    rows = [{"image_id": n, "path": f"s3://eval-bucket/images/{n}", "caption": c[0]} for n, c in CAPTIONS.items()]
+    write_predictions(data / "s3rows.parquet", rows)
+    fs.put(str(data / "s3rows.parquet"), "eval-bucket/run/out/captions/part-0.parquet")
+    # Endpoint and keys from the AWS variables for evaluate; --storage-options for show and report.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["client_kwargs"]["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    argv = [
+        "evaluate",
+        "--predictions",
+        "s3://eval-bucket/run/out",
+        "--references",
+        "s3://eval-bucket/run/captions.json",
+    ]
+    assert cli.main([*argv, "--output", "s3://eval-bucket/run/metrics.json"]) == 0
+    metrics = json.loads(fs.cat_file("eval-bucket/run/metrics.json"))
+    assert metrics["images"] == 2 and metrics["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    options = ["--storage-options", json.dumps(s3_server)]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    show = ["show", "--predictions", "s3://eval-bucket/run/out", "--image", "a.png"]
+    assert cli.main([*show, "--output", "s3://eval-bucket/run/a.png", *options]) == 0
+    assert fs.cat_file("eval-bucket/run/a.png").startswith(b"\x89PNG")
+    report = ["report", "--predictions", "s3://eval-bucket/run/out", "--output", "s3://eval-bucket/run/index.html"]
+    assert cli.main([*report, *options]) == 0
+    page = fs.cat_file("eval-bucket/run/index.html").decode()
+    assert page.count("<section>") == 2 and "image unavailable" not in page
+
+
+def test_quiet_by_default_and_verbose_on_request(monkeypatch) -> None:
+    monkeypatch.delenv("RAYCAP_VERBOSE", raising=False)
+    for name in cli.QUIET_RAY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    handler = logging.StreamHandler()
+    monkeypatch.setattr(logging.getLogger("ray"), "handlers", [handler])
+    cli.quiet_ray()
+    assert handler.level == logging.ERROR  # Ray's INFO and WARNING lines stay off the console
+    assert Path(cli.QUIET_RAY_ENV["RAY_DATA_LOGGING_CONFIG"]).is_file()
+    for name, value in cli.QUIET_RAY_ENV.items():
+        assert cli.os.environ[name] == value
+        monkeypatch.delenv(name)
+    loud = logging.StreamHandler()
+    monkeypatch.setattr(logging.getLogger("ray"), "handlers", [loud])
+    parser = cli.build_parser()
+    for command in cli.COMMANDS:
+        assert "--verbose" in parser._subparsers._group_actions[0].choices[command].format_help()
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "synth": lambda a: cli.quiet_ray()})
+    assert cli.main(["synth", "--output", "unused", "--verbose"]) == 0
+    assert loud.level == logging.NOTSET and not any(name in cli.os.environ for name in cli.QUIET_RAY_ENV)
