@@ -137,7 +137,6 @@ class FeatureExtractor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
-        self.weights = weights
         trunk = _inception_trunk(weights)
         if weights == "random":
             _calibrate_random(trunk)

@@ -182,13 +182,3 @@ def load_or_create_plan(
     write_json_atomic(fs, path, {"input": input_uri, "shard_size": shard_size, "shards": shards})
     return shards
 
-
-def read_parquet_dir(fs: fsspec.AbstractFileSystem, folder: str, columns: list[str] | None = None) -> pa.Table:
-    """All Parquet files of one output folder as one table (sorted by file name, so reads are stable)."""
-    if not fs.exists(folder):
-        raise ValueError(f"no such folder: {uri(fs, folder)}")
-    files = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
-    tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
-    if not tables:
-        raise ValueError(f"no Parquet files in {uri(fs, folder)}")
-    return pa.concat_tables(tables)
