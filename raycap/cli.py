@@ -1,4 +1,13 @@
-"""The `raycap` command: argument parsing shared with jobs/*.py, Ray start-up, one-line errors."""
+r"""The `raycap` command: argument parsing shared with jobs/*.py, Ray start-up, one-line errors.
+
+Each command, run locally (extract, train and caption start an embedded Ray):
+    raycap extract --input photos --output work/features
+With the data on S3 (endpoint and keys from the AWS_* variables, or --storage-options):
+    raycap evaluate --predictions s3://bucket/work/captioned --references s3://bucket/captions.json
+On a Ray cluster (the code travels with --working-dir; jobs/*.py take the same flags):
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m raycap.cli caption --input s3://bucket/photos --output s3://bucket/work/captioned --model s3://bucket/work/model
+"""
 
 from __future__ import annotations
 
@@ -69,7 +78,10 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raycap", description=__doc__)
+    summary, _, examples = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="raycap", description=summary, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--verbose", action="store_true", help=f"also show Ray's own log lines (or set {VERBOSE_ENV}=1)"

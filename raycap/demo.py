@@ -1,4 +1,7 @@
-"""`make demo`: synth -> extract -> train -> caption the test split -> evaluate -> show, on one embedded Ray."""
+"""`make demo`: synth -> extract -> train -> caption the test split -> evaluate -> show, on one embedded Ray.
+
+Run `make demo`, or `python -m raycap.demo --num-images 200 --epochs 1` for a quick look (local only).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from raycap import cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raycap.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m raycap.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo-output")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=5)
