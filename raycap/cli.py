@@ -31,6 +31,12 @@ QUIET_RAY_ENV = {
     "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
     # Workers of an embedded Ray do not print deprecation notices of Ray's and torch's internals.
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    # Lines of workers that no log level reaches, dropped by the driver (Ray's log deduplicator reads this
+    # when ray is first imported): Ray Train's per-report line (its logger is named by file path, outside
+    # ray.train), the raylet's worker start-up notice, the core worker's note on actor constructor arguments.
+    "RAY_DEDUP_LOGS_SKIP_REGEX": r"Reporting training result \d+: TrainingReport"
+    r"|PYTHON worker processes have been started on node"
+    r"|has constructor arguments in the object store and max_restarts > 0",
 }
 
 
@@ -186,8 +192,8 @@ def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def quiet_ray() -> None:
     """Keep Ray's own log lines out of the terminal unless --verbose or RAYCAP_VERBOSE=1; errors still show.
 
-    The one place raycap sets Ray's log levels; init_ray calls it before `ray.init`. Ray's log files under its
-    session directory keep the INFO lines of Ray Data and Ray Train. Environment variables reach the processes
+    The one place raycap sets Ray's log levels: `main` calls it before any command imports Ray, and init_ray
+    before `ray.init`. Ray's session log files keep every line. The environment variables reach the processes
     of an embedded Ray; on a cluster they reach the driver (Ray Train's level is set in its RunConfig).
     """
     if verbose():
@@ -350,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
+    quiet_ray()
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:

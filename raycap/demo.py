@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from raycap import cli
+from raycap.config import VERBOSE_ENV
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=256,
         help="GRU units (the tutorial's 512 learns a little more per epoch at twice the time)",
     )
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own log lines")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     out = os.path.abspath(args.output)
     data, test_images = os.path.join(out, "data"), os.path.join(out, "test-images")
     started = time.time()
