@@ -193,8 +193,9 @@ def quiet_ray() -> None:
     """Keep Ray's own log lines out of the terminal unless --verbose or RAYCAP_VERBOSE=1; errors still show.
 
     The one place raycap sets Ray's log levels: `main` calls it before any command imports Ray, and init_ray
-    before `ray.init`. Ray's session log files keep every line. The environment variables reach the processes
-    of an embedded Ray; on a cluster they reach the driver (Ray Train's level is set in its RunConfig).
+    before `ray.init`. Ray Data's and Ray Train's session log files keep every level. The environment variables
+    reach the processes of an embedded Ray; on a cluster they reach the driver (Ray Train's level is in its
+    RunConfig, which reaches every worker).
     """
     if verbose():
         return
