@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import tomllib
 import yaml
 
 from raycap import schema
@@ -35,6 +37,40 @@ def test_cluster_yaml_passes_rays_own_validator():
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
     text = (ROOT / "cluster.yaml").read_text()
     assert "RAY_AUTH_MODE=token" in text and "aws_secret_access_key" not in text.lower()
+
+
+def _setup_commands(config: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+    commands = [c for k in keys for c in config.get(k) or []]
+    for node_type in config["available_node_types"].values():
+        commands += [c for k in keys for c in node_type.get(k) or []]
+    return commands
+
+
+def test_cluster_yaml_installs_pinned_dependencies_and_never_raycap_by_name():
+    """Nodes install what pyproject.toml asks for, each pinned (==) to a version it allows; raycap itself travels
+    with each job (`ray job submit --working-dir .`): a package called raycap on an index is never installed."""
+    from packaging.requirements import Requirement
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    commands = _setup_commands(config)
+    pins = {}
+    for command in commands:
+        for word in shlex.split(command):
+            if word.startswith("-") or word in ("python", "python3", "-m", "pip", "install"):
+                continue
+            requirement = Requirement(word)
+            assert requirement.name.lower() != "raycap", command
+            assert str(requirement.specifier).startswith("=="), word
+            pins[requirement.name.lower()] = requirement
+    assert "raycap" not in " ".join(commands).lower()  # nor a wheel, a git URL or `pip install .`
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for dependency in map(Requirement, project["project"]["dependencies"]):
+        pinned = pins[dependency.name.lower()]
+        version = str(pinned.specifier).removeprefix("==")
+        assert dependency.specifier.contains(version), (dependency, version)
+        assert dependency.extras <= pinned.extras, dependency
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{str(pins['ray'].specifier).removeprefix('==')}-")
 
 
 def _free_port() -> int:
