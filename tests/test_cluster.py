@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -202,3 +203,48 @@ def test_worker_node_lost_mid_extraction_and_mid_captioning_every_image_exactly_
         ids = pq.read_table(tmp_path / ("features" if job == "extract" else "captions") / rows_dir)[
             schema.IMAGE_ID].to_pylist()
         assert len(ids) == len(set(ids)) == 40, job
+
+
+def _raycap(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "raycap.cli", *args], env={**base, **(env or {})}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_dead_address_fails_within_seconds_with_one_line(tiny_synth, tmp_path):
+    from raycap.cli import _check_reachable
+
+    closed = _free_port()  # nothing listens there once the probe socket is closed
+    started = time.monotonic()
+    done = _raycap("extract", "--input", str(tiny_synth / "images"), "--output", str(tmp_path / "out"),
+                   "--encoder-weights", "random", "--address", f"127.0.0.1:{closed}")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"raycap extract: error: --address 127.0.0.1:{closed}: no Ray cluster answers at 127.0.0.1:{closed} "
+        "(Connection refused); start one with `ray start --head`, or leave --address out for an embedded Ray"
+    ], done.stderr[-3000:]
+    assert time.monotonic() - started < 60  # the interpreter's and torch's start-up; the probe gives up after 5 s
+    assert not (tmp_path / "out").exists()
+    for address, flag in ((f"ray://127.0.0.1:{closed}", "--address"), (f"127.0.0.1:{closed}", "RAY_ADDRESS")):
+        with pytest.raises(ValueError, match=rf"^{flag} {address}: no Ray cluster answers at 127.0.0.1:{closed} "):
+            _check_reachable(address, flag)
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        _check_reachable("nowhere", "--address")
+
+
+def test_without_an_address_raycap_starts_its_own_ray_even_where_a_dead_cluster_was_the_last(tmp_path):
+    """Ray's own rule would join the last cluster started on the machine (ray_current_cluster) and retry it."""
+    temp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # Ray's socket paths must stay short
+    try:
+        dead = f"127.0.0.1:{_free_port()}"
+        (temp / "ray_current_cluster").write_text(dead)
+        code = ("from raycap.cli import init_ray; import ray; init_ray(None); "
+                "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+        done = subprocess.run([sys.executable, "-c", code], env={
+            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)},
+            cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        gcs = next(line for line in done.stdout.splitlines() if line.startswith("GCS "))[4:]
+        assert gcs and gcs != dead
+    finally:
+        _stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
