@@ -16,12 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import tomllib
 import yaml
 
-from raycap import schema
+from raycap import schema, storage
 from raycap.model import Captioner, ModelConfig
 from raycap.modeldir import write_model_dir
 from raycap.text import Vocabulary
@@ -103,11 +102,15 @@ def _stop_cluster(temp: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _submit(port: str, env: dict, script: str, *args: str) -> subprocess.CompletedProcess:
-    """`ray job submit`, retried while the new head's job agent is still starting (Ray answers 500 until then)."""
-    excludes = json.dumps({"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"]})
+def _submit(port: str, env: dict, aws: dict, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the new head's job agent is still starting (Ray answers 500 until then).
+
+    The S3 endpoint and credentials travel in the runtime environment (`aws`), as docs/operations.md shows
+    for data outside the instance profile's reach; the head itself was started without them."""
+    runtime_env = json.dumps({"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"],
+                              "env_vars": aws})
     command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(ROOT),
-               "--runtime-env-json", excludes, "--", sys.executable, script, *args]
+               "--runtime-env-json", runtime_env, "--", sys.executable, script, *args]
     for _ in range(10):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
         if "No available agent to submit job" not in done.stderr:
@@ -115,12 +118,34 @@ def _submit(port: str, env: dict, script: str, *args: str) -> subprocess.Complet
     return done
 
 
+@pytest.fixture(scope="module")
+def s3_images(tiny_synth, s3_server):
+    """The tiny dataset's images on the moto S3 server, and the AWS_* variables a job on AWS would see."""
+    fs, _ = storage.filesystem("s3://cluster", s3_server)
+    fs.mkdir("cluster")
+    fs.put(str(tiny_synth / "images"), "cluster/images", recursive=True)
+    env = {"AWS_ENDPOINT_URL": s3_server["client_kwargs"]["endpoint_url"], "AWS_ACCESS_KEY_ID": s3_server["key"],
+           "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    return "s3://cluster/images", env
+
+
+def _s3_ids(uri: str, rows_dir: str, env: dict, listing: bool = False) -> list[str]:
+    """The image ids of an output's rows on S3 (or, with `listing`, the files under an input prefix)."""
+    fs, root = storage.filesystem(uri, {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+                                        "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}})
+    fs.invalidate_cache()
+    if listing:
+        return storage.list_files(fs, root)
+    return storage.read_parquet_dir(fs, storage.join(root, rows_dir), [schema.IMAGE_ID])[schema.IMAGE_ID].to_pylist()
+
+
 @pytest.mark.multinode
-def test_job_submit_with_token_auth(tiny_synth, tmp_path):
-    """A token-authenticated head, then `ray job submit` of jobs/extract.py and jobs/caption.py from this
-    checkout (its .venv and outputs excluded from the upload)."""
+def test_job_submit_with_token_auth(s3_images, tmp_path):
+    """docs/operations.md's "From zero to captions on AWS" after `ray up`: a token-authenticated head, then
+    `ray job submit --working-dir .` of jobs/extract.py and jobs/caption.py with images and outputs on S3."""
+    images, aws = s3_images
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token"),
@@ -152,22 +177,22 @@ def test_job_submit_with_token_auth(tiny_synth, tmp_path):
         capture_output=True,
     )
     try:
-        out = tmp_path / "features"
-        done = _submit(port, env, "jobs/extract.py", "--input", str(tiny_synth / "images"), "--output", str(out),
+        features = "s3://cluster/submit/features"
+        done = _submit(port, env, aws, "jobs/extract.py", "--input", images, "--output", features,
                        "--encoder-weights", "random")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "extract: 40 rows, 0 errors" in done.stdout
-        assert pq.read_table(out / schema.FEATURES_DIR).num_rows == 40
+        assert "extract: 40 rows, 0 errors" in done.stdout and f"-> {features}" in done.stdout
+        assert sorted(_s3_ids(features, schema.FEATURES_DIR, aws)) == sorted(_s3_ids(images, "", aws, listing=True))
         model = tmp_path / "model"  # an untrained captioner: the test is about the submission
         vocab = Vocabulary.build(["a red circle on the left and a blue square on the right"])
         write_model_dir(str(model), Captioner(ModelConfig(vocab_size=len(vocab))), vocab,
                         {"encoder_weights": "random", "feature_dtype": "float16"})
-        captions = tmp_path / "captions"
-        done = _submit(port, env, "jobs/caption.py", "--input", str(tiny_synth / "images"), "--output",
-                       str(captions), "--model", str(model), "--max-length", "5")
+        captions = "s3://cluster/submit/captions"
+        done = _submit(port, env, aws, "jobs/caption.py", "--input", images, "--output", captions,
+                       "--model", str(model), "--max-length", "5")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "caption: 40 rows, 0 errors" in done.stdout
-        assert pq.read_table(captions / schema.CAPTIONS_DIR).num_rows == 40
+        assert len(set(_s3_ids(captions, schema.CAPTIONS_DIR, aws))) == 40
         (tmp_path / "wrong-token").write_text(secrets.token_hex(32))
         no_token = {**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong-token")}
         denied = subprocess.run(
@@ -185,24 +210,30 @@ def test_job_submit_with_token_auth(tiny_synth, tmp_path):
 
 
 @pytest.mark.multinode
-def test_worker_node_lost_mid_extraction_and_mid_captioning_every_image_exactly_once(tiny_synth, tmp_path):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node_loses_no_image(s3_images, tmp_path):
+    """cluster.yaml's shape in miniature, all data on S3: nodes too small for any actor are refused at once with
+    one line; extract and caption each lose a worker node mid-run and still write every image exactly once."""
+    images, aws = s3_images
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **aws}
     env.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multinode_pipeline.py"), str(tiny_synth / "images"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "tests" / "multinode_pipeline.py"), images, "s3://cluster/multinode",
+         str(tmp_path / "model")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    small = report["too_small"]
+    assert small["message"] and "\n" not in small["message"], small
+    assert small["message"].startswith("no node can hold a model actor") and "2x(1 CPU" in small["message"], small
+    assert small["seconds"] < 30 and not small["wrote"], small
     for job, rows_dir in (("extract", schema.FEATURES_DIR), ("caption", schema.CAPTIONS_DIR)):
         assert report[job]["removed"] and report[job]["manifest"]["rows"] == 40, job
-        ids = pq.read_table(tmp_path / ("features" if job == "extract" else "captions") / rows_dir)[
-            schema.IMAGE_ID].to_pylist()
+        assert report[job]["manifest"]["resources"]["actors"] == [2, 2], report[job]["manifest"]["resources"]
+        ids = _s3_ids(f"s3://cluster/multinode/{'features' if job == 'extract' else 'captions'}", rows_dir, aws)
         assert len(ids) == len(set(ids)) == 40, job
+    print(f"multinode run: {time.monotonic() - started:.0f}s")
 
 
 def _raycap(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
