@@ -6,11 +6,12 @@ from contextlib import nullcontext
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 
 from raycap import pipeline, schema
 from raycap.config import CaptionConfig
-from raycap.encoder import FeatureExtractor
+from raycap.encoder import FeatureExtractor, resolve_weights
 from raycap.model import beam_search
 from raycap.modeldir import load_model_dir
 
@@ -18,11 +19,11 @@ from raycap.modeldir import load_model_dir
 class CaptionModel(pipeline.ShardModel):
     """Actor: InceptionV3 and the captioner on one device; features never leave the actor."""
 
-    def __init__(self, model: str, beam_size: int, max_length: int, length_penalty: float, precision: str,
-                 batch_size: int | None, threads: int | None = None) -> None:
+    def __init__(self, model: str, weights: ray.ObjectRef, beam_size: int, max_length: int, length_penalty: float,
+                 precision: str, batch_size: int | None, threads: int | None = None) -> None:
         super().__init__(threads)
         loaded = load_model_dir(model)
-        self.extractor = FeatureExtractor(loaded.config.get("encoder_weights", "imagenet"), precision=precision,
+        self.extractor = FeatureExtractor(ray.get(weights), precision=precision,
                                           batch_size=batch_size or 16)
         if batch_size is None and self.extractor.device.type == "cuda":
             self.extractor.batch_size = 128
@@ -82,14 +83,16 @@ def run(config: CaptionConfig) -> dict:
     """Caption every image under `config.input` into `config.output`; returns the manifest."""
     config.validate()
     loaded = load_model_dir(config.model)  # fail here, with one line, not inside an actor
+    # The encoder the model was trained on, resolved once here and shared with every actor.
+    weights = ray.put(resolve_weights(loaded.config.get("encoder_weights", "imagenet"), config.storage_options))
     job = pipeline.ShardJob(
         input=config.input,
         output=config.output,
         rows_dir=schema.CAPTIONS_DIR,
         model_cls=CaptionModel,
-        model_kwargs={"model": config.model, "beam_size": config.beam_size, "max_length": config.max_length,
-                      "length_penalty": config.length_penalty, "precision": config.precision,
-                      "batch_size": config.batch_size},
+        model_kwargs={"model": config.model, "weights": weights, "beam_size": config.beam_size,
+                      "max_length": config.max_length, "length_penalty": config.length_penalty,
+                      "precision": config.precision, "batch_size": config.batch_size},
         shard_size=config.shard_size,
         max_pixels=config.max_pixels,
         max_errors=config.max_errors,

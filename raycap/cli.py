@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import warnings
@@ -209,23 +210,49 @@ def quiet_ray() -> None:
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to `address`, or start an embedded local Ray (quietly, without usage reporting)."""
+    """Connect to `address` (or RAY_ADDRESS, as inside `ray job submit`), or start an embedded local Ray.
+
+    Ray's own rule for no address is to join the last cluster started on this machine, and to retry a
+    dead one for minutes; raycap starts its own instead. A given address that does not answer is one
+    line within seconds.
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet_ray()
     if ray.is_initialized():
         return
+    flag = "--address"
     if address is None and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]  # inside `ray job submit`
-    ray.init(
-        address=address,
-        log_to_driver=True,
-        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}} if address is None else None,
-    )
+        address, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address is None:
+        ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    else:
+        _check_reachable(address, flag)
+        ray.init(address=address, log_to_driver=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def _check_reachable(address: str, flag: str, timeout: float = 5.0) -> None:
+    """A ValueError line unless something listens at the address's GCS (or Ray client) port."""
+    target = address
+    if address == "auto":
+        from ray._private.services import find_bootstrap_address
+
+        target = find_bootstrap_address(None)
+        if target is None:
+            raise ValueError(f"{flag} auto: no Ray cluster was started on this machine (`ray start --head`)")
+    host, _, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{flag} {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ValueError(f"{flag} {address}: no Ray cluster answers at {host}:{port} ({reason}); start one with "
+                         "`ray start --head`, or leave --address out for an embedded Ray") from None
 
 
 def _summary(kind: str, manifest: dict[str, Any]) -> str:

@@ -1,20 +1,25 @@
-"""InceptionV3 feature extractor: weights (imagenet | random | path), preprocessing, device, dtype, layout."""
+"""InceptionV3 feature extractor: weight resolution (imagenet | random | path or URI), preprocessing, device, layout."""
 
 from __future__ import annotations
 
-import os
+import io
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torchvision
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from raycap import storage
 from raycap.schema import FEATURE_DIM, NUM_REGIONS
 
-WEIGHT_CHOICES = ("imagenet", "random", "a path to a state dict (.safetensors or .pt/.pth)")
+WEIGHT_CHOICES = ("imagenet", "random", "a path or URI of a state dict (.safetensors or .pt/.pth)")
 RANDOM_SEED = 0  # `random` weights are a pure function of this seed, so every actor builds the same encoder
 _LAST_CONV = "Mixed_7c"
 _HEAD = ("AuxLogits", "avgpool", "dropout", "fc")
@@ -50,30 +55,76 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
 
 
-def _inception_trunk(weights: str) -> nn.Sequential:
-    """InceptionV3 from the stem to Mixed_7c, as a Sequential (the 8x8x2048 last conv block)."""
-    if weights == "imagenet":
+@dataclass(frozen=True)
+class EncoderWeights:
+    """Encoder weights resolved once (on the driver): what the user asked for and the trunk's tensors.
+
+    Small to ship: the driver puts it in Ray's object store and every actor builds its trunk from it,
+    so no actor downloads or opens a file.
+    """
+
+    spec: str  # imagenet | random | the path or URI the user gave
+    safetensors: bytes | None  # the trunk's state dict as safetensors bytes; None for `random` (built from a seed)
+
+
+def _skeleton() -> nn.Module:
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(RANDOM_SEED)
+    try:
+        return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def resolve_weights(spec: str, storage_options: dict[str, Any] | None = None) -> EncoderWeights:
+    """`--encoder-weights` (imagenet | random | a local path or any URI, e.g. s3://) -> the trunk's tensors.
+
+    Every failure is one ValueError line naming what to pass instead.
+    """
+    if spec == "random":
+        return EncoderWeights(spec, None)
+    if spec == "imagenet":
         try:
-            full = torchvision.models.inception_v3(weights=torchvision.models.Inception_V3_Weights.IMAGENET1K_V1)
+            with redirect_stderr(io.StringIO()):  # torch.hub's "Downloading ..." line; the outcome speaks for itself
+                state = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as e:  # noqa: BLE001 - any download failure is one user-facing message
             raise ValueError(
-                f"could not load torchvision's ImageNet InceptionV3 weights ({type(e).__name__}); on a machine "
-                "without internet pass --encoder-weights PATH to a saved state dict, or --encoder-weights random"
+                f"could not download torchvision's ImageNet InceptionV3 weights ({type(e).__name__}); on a machine "
+                "without internet pass --encoder-weights PATH or URI of a saved state dict, or --encoder-weights random"
             ) from None
     else:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(RANDOM_SEED)
-        try:
-            full = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
-        finally:
-            torch.random.set_rng_state(gen_state)
-        if weights != "random":
-            state = _load_state_dict(weights)
-            missing = [k for k in full.state_dict() if k.split(".")[0] not in _HEAD and k not in state]
-            if missing:
-                raise ValueError(f"--encoder-weights {weights!r} lacks {len(missing)} InceptionV3 tensors, "
-                                 f"e.g. {missing[0]}")
-            full.load_state_dict(state, strict=False)
+        state = _load_state_dict(spec, storage_options)
+    expected = [k for k in _skeleton().state_dict() if k.split(".")[0] not in _HEAD]
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"--encoder-weights {spec}: lacks {len(missing)} InceptionV3 tensors, e.g. {missing[0]}")
+    trunk = {k: state[k].detach().to("cpu").contiguous() for k in expected}
+    return EncoderWeights(spec, save_safetensors(trunk))
+
+
+def _load_state_dict(location: str, storage_options: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    if location in ("", "imagenet", "random") or location.startswith("-"):
+        raise ValueError(f"--encoder-weights must be one of {', '.join(WEIGHT_CHOICES)}, got {location!r}")
+    data = storage.read_bytes(location, storage_options, what="--encoder-weights")
+    try:
+        if location.endswith(".safetensors"):
+            state = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # tensors, never code
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--encoder-weights {location}: cannot read: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not any(str(k).startswith("Mixed_7c.") for k in state):
+        raise ValueError(f"--encoder-weights {location}: not an InceptionV3 state dict (no Mixed_7c weights)")
+    return state
+
+
+def _inception_trunk(weights: EncoderWeights | str) -> nn.Sequential:
+    """InceptionV3 from the stem to Mixed_7c, as a Sequential (the 8x8x2048 last conv block)."""
+    if isinstance(weights, str):
+        weights = resolve_weights(weights)
+    full = _skeleton()
+    if weights.safetensors is not None:
+        full.load_state_dict(load_safetensors(weights.safetensors), strict=False)
     full.transform_input = False
     layers = OrderedDict()
     for name, module in full.named_children():
@@ -83,23 +134,6 @@ def _inception_trunk(weights: str) -> nn.Sequential:
         if name == _LAST_CONV:
             break
     return nn.Sequential(layers)
-
-
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise ValueError(f"--encoder-weights: no such file {path!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never pickled code
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"--encoder-weights: cannot read {path!r}: {type(e).__name__}: {e}") from None
-    if not any(k.startswith("Mixed_7c.") for k in state):
-        raise ValueError(f"--encoder-weights: {path!r} is not an InceptionV3 state dict (no Mixed_7c weights)")
-    return state
 
 
 @torch.no_grad()
@@ -128,7 +162,7 @@ class FeatureExtractor:
 
     def __init__(
         self,
-        weights: str = "imagenet",
+        weights: EncoderWeights | str = "imagenet",  # resolved weights, or a spec resolved here
         device: str | None = None,
         precision: str = "auto",
         batch_size: int = 32,
@@ -137,8 +171,10 @@ class FeatureExtractor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = batch_size
+        if isinstance(weights, str):
+            weights = resolve_weights(weights)
         trunk = _inception_trunk(weights)
-        if weights == "random":
+        if weights.safetensors is None:
             _calibrate_random(trunk)
         # Fold each BatchNorm into its convolution (exact in eval mode; ~13% faster on CPU).
         trunk = fuse(trunk.eval()).to(self.device)

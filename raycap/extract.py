@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 
 from raycap import pipeline, schema
 from raycap.config import ExtractConfig
-from raycap.encoder import FeatureExtractor, resolve_precision
+from raycap.encoder import FeatureExtractor, resolve_precision, resolve_weights
 
 
 class FeatureModel(pipeline.ShardModel):
     """Actor: holds InceptionV3 on its device; decoded uint8 shards in, feature rows out."""
 
-    def __init__(self, weights: str, precision: str, batch_size: int | None, feature_dtype: str,
+    def __init__(self, weights: ray.ObjectRef, precision: str, batch_size: int | None, feature_dtype: str,
                  threads: int | None = None) -> None:
         super().__init__(threads)
-        self.extractor = FeatureExtractor(weights, precision=precision, batch_size=batch_size or 16)
+        self.extractor = FeatureExtractor(ray.get(weights), precision=precision, batch_size=batch_size or 16)
         if batch_size is None and self.extractor.device.type == "cuda":
             self.extractor.batch_size = 128
         self.feature_dtype = feature_dtype
@@ -34,12 +35,14 @@ class FeatureModel(pipeline.ShardModel):
 def run(config: ExtractConfig) -> dict:
     """Extract features for every image under `config.input` into `config.output`; returns the manifest."""
     config.validate()
+    # Resolved here, once, before any actor starts: a failed download or unreadable file is one line.
+    weights = ray.put(resolve_weights(config.encoder_weights, config.storage_options))
     job = pipeline.ShardJob(
         input=config.input,
         output=config.output,
         rows_dir=schema.FEATURES_DIR,
         model_cls=FeatureModel,
-        model_kwargs={"weights": config.encoder_weights, "precision": config.precision,
+        model_kwargs={"weights": weights, "precision": config.precision,
                       "batch_size": config.batch_size, "feature_dtype": config.feature_dtype},
         shard_size=config.shard_size,
         max_pixels=config.max_pixels,

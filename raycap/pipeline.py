@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raycap import schema, storage
+from raycap import resources, schema, storage
 from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
 _META_SCHEMA = pa.schema([
@@ -177,26 +177,12 @@ def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
 
 
 def plan_resources(job: ShardJob) -> dict[str, Any]:
-    """Actor pool size, GPUs and threads per actor, CPUs for decoding, from what the cluster has."""
-    resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    gpus_per_actor = job.gpus_per_actor if job.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    if gpus_per_actor > 0:
-        most = max(1, int(gpus / gpus_per_actor))
-        actors = job.actors or (1, most)
-        # Two shards in flight per GPU actor: the next one is fetched while this one runs.
-        return {"actors": actors, "num_gpus": gpus_per_actor, "actor_cpus": 1, "threads": None, "decode_cpus": 1,
-                "in_flight": 2}
-    # CPU only: single-threaded actors use the cores better than one multi-threaded actor (measured here:
-    # 2 x 1 thread = 11.8 images/s, 1 x 2 threads = 9.9), up to 8 threads per actor on large nodes. Each
-    # actor reserves 3/4 of its CPUs so decode tasks (~5% of the model's CPU time) always find room.
-    threads = max(1, cpus // 8)
-    n = job.actors[1] if job.actors else max(1, cpus // threads)
-    actors = job.actors or (n, n)
-    # One shard in flight per CPU actor: a shard takes many seconds here, so a free actor takes the next one
-    # and no actor sits on a queue while another idles at the end.
-    return {"actors": actors, "num_gpus": 0, "actor_cpus": 0.75 * threads, "threads": threads,
-            "decode_cpus": 0.5, "in_flight": 1}
+    """Actor pool size, GPUs, CPUs and threads per actor, CPUs per decode/write task, planned per node
+    (raycap.resources); a job no node shape can run raises Unschedulable (one line) before anything starts."""
+    res = resources.plan_actors(resources.node_shapes(), job.gpus_per_actor, job.actors)
+    # GPU actors: two shards in flight, the next one is fetched while this one runs. CPU actors: one, since a
+    # shard takes many seconds there; a free actor takes the next one and none sits on a queue at the end.
+    return {**res, "in_flight": 2 if res["num_gpus"] else 1}
 
 
 def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -231,10 +217,10 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
                             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
                                                                max_tasks_in_flight_per_actor=res["in_flight"]),
                             num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"])
-        ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+        ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=res["write_cpus"],
                             fn_kwargs={"output": job.output, "rows_dir": job.rows_dir,
                                        "storage_options": job.storage_options, "compression": job.compression})
-        for marker in ds.iter_rows():
+        for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):
             done[int(marker["shard"])] = dict(marker)
             errors_so_far += int(marker["errors"])
             if job.max_errors is not None and errors_so_far > job.max_errors:

@@ -34,6 +34,7 @@ from raycap.ingest import (
 )
 from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
 from raycap.modeldir import write_model_dir
+from raycap.resources import node_shapes, plan_train_workers
 from raycap.text import Vocabulary
 
 STATE = "state.json"
@@ -230,9 +231,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     run_root = os.path.join(os.path.abspath(config.output) + ".runs")
     resume = _latest_checkpoint(run_root)
     resources = ray.cluster_resources()
-    use_gpu = config.use_gpu if config.use_gpu is not None else resources.get("GPU", 0) >= world
-    # Workers must leave a CPU for Ray Data's read tasks, or the ingest waits forever for a free CPU.
-    worker_cpus = 1.0 if use_gpu else max(0.25, min(1.0, (resources.get("CPU", 1) - 1) / world))
+    # Per node: workers must leave a node with a CPU for Ray Data's read tasks, or the ingest waits forever.
+    use_gpu, worker_cpus = plan_train_workers(node_shapes(), world, config.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

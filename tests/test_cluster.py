@@ -6,19 +6,21 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+import tomllib
 import yaml
 
-from raycap import schema
+from raycap import schema, storage
 from raycap.model import Captioner, ModelConfig
 from raycap.modeldir import write_model_dir
 from raycap.text import Vocabulary
@@ -35,6 +37,40 @@ def test_cluster_yaml_passes_rays_own_validator():
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
     text = (ROOT / "cluster.yaml").read_text()
     assert "RAY_AUTH_MODE=token" in text and "aws_secret_access_key" not in text.lower()
+
+
+def _setup_commands(config: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+    commands = [c for k in keys for c in config.get(k) or []]
+    for node_type in config["available_node_types"].values():
+        commands += [c for k in keys for c in node_type.get(k) or []]
+    return commands
+
+
+def test_cluster_yaml_installs_pinned_dependencies_and_never_raycap_by_name():
+    """Nodes install what pyproject.toml asks for, each pinned (==) to a version it allows; raycap itself travels
+    with each job (`ray job submit --working-dir .`): a package called raycap on an index is never installed."""
+    from packaging.requirements import Requirement
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    commands = _setup_commands(config)
+    pins = {}
+    for command in commands:
+        for word in shlex.split(command):
+            if word.startswith("-") or word in ("python", "python3", "-m", "pip", "install"):
+                continue
+            requirement = Requirement(word)
+            assert requirement.name.lower() != "raycap", command
+            assert str(requirement.specifier).startswith("=="), word
+            pins[requirement.name.lower()] = requirement
+    assert "raycap" not in " ".join(commands).lower()  # nor a wheel, a git URL or `pip install .`
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for dependency in map(Requirement, project["project"]["dependencies"]):
+        pinned = pins[dependency.name.lower()]
+        version = str(pinned.specifier).removeprefix("==")
+        assert dependency.specifier.contains(version), (dependency, version)
+        assert dependency.extras <= pinned.extras, dependency
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{str(pins['ray'].specifier).removeprefix('==')}-")
 
 
 def _free_port() -> int:
@@ -66,11 +102,15 @@ def _stop_cluster(temp: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _submit(port: str, env: dict, script: str, *args: str) -> subprocess.CompletedProcess:
-    """`ray job submit`, retried while the new head's job agent is still starting (Ray answers 500 until then)."""
-    excludes = json.dumps({"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"]})
+def _submit(port: str, env: dict, aws: dict, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the new head's job agent is still starting (Ray answers 500 until then).
+
+    The S3 endpoint and credentials travel in the runtime environment (`aws`), as docs/operations.md shows
+    for data outside the instance profile's reach; the head itself was started without them."""
+    runtime_env = json.dumps({"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"],
+                              "env_vars": aws})
     command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(ROOT),
-               "--runtime-env-json", excludes, "--", sys.executable, script, *args]
+               "--runtime-env-json", runtime_env, "--", sys.executable, script, *args]
     for _ in range(10):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
         if "No available agent to submit job" not in done.stderr:
@@ -78,12 +118,34 @@ def _submit(port: str, env: dict, script: str, *args: str) -> subprocess.Complet
     return done
 
 
+@pytest.fixture(scope="module")
+def s3_images(tiny_synth, s3_server):
+    """The tiny dataset's images on the moto S3 server, and the AWS_* variables a job on AWS would see."""
+    fs, _ = storage.filesystem("s3://cluster", s3_server)
+    fs.mkdir("cluster")
+    fs.put(str(tiny_synth / "images"), "cluster/images", recursive=True)
+    env = {"AWS_ENDPOINT_URL": s3_server["client_kwargs"]["endpoint_url"], "AWS_ACCESS_KEY_ID": s3_server["key"],
+           "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    return "s3://cluster/images", env
+
+
+def _s3_ids(uri: str, rows_dir: str, env: dict, listing: bool = False) -> list[str]:
+    """The image ids of an output's rows on S3 (or, with `listing`, the files under an input prefix)."""
+    fs, root = storage.filesystem(uri, {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+                                        "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}})
+    fs.invalidate_cache()
+    if listing:
+        return storage.list_files(fs, root)
+    return storage.read_parquet_dir(fs, storage.join(root, rows_dir), [schema.IMAGE_ID])[schema.IMAGE_ID].to_pylist()
+
+
 @pytest.mark.multinode
-def test_job_submit_with_token_auth(tiny_synth, tmp_path):
-    """A token-authenticated head, then `ray job submit` of jobs/extract.py and jobs/caption.py from this
-    checkout (its .venv and outputs excluded from the upload)."""
+def test_job_submit_with_token_auth(s3_images, tmp_path):
+    """docs/operations.md's "From zero to captions on AWS" after `ray up`: a token-authenticated head, then
+    `ray job submit --working-dir .` of jobs/extract.py and jobs/caption.py with images and outputs on S3."""
+    images, aws = s3_images
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token"),
@@ -115,22 +177,22 @@ def test_job_submit_with_token_auth(tiny_synth, tmp_path):
         capture_output=True,
     )
     try:
-        out = tmp_path / "features"
-        done = _submit(port, env, "jobs/extract.py", "--input", str(tiny_synth / "images"), "--output", str(out),
+        features = "s3://cluster/submit/features"
+        done = _submit(port, env, aws, "jobs/extract.py", "--input", images, "--output", features,
                        "--encoder-weights", "random")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "extract: 40 rows, 0 errors" in done.stdout
-        assert pq.read_table(out / schema.FEATURES_DIR).num_rows == 40
+        assert "extract: 40 rows, 0 errors" in done.stdout and f"-> {features}" in done.stdout
+        assert sorted(_s3_ids(features, schema.FEATURES_DIR, aws)) == sorted(_s3_ids(images, "", aws, listing=True))
         model = tmp_path / "model"  # an untrained captioner: the test is about the submission
         vocab = Vocabulary.build(["a red circle on the left and a blue square on the right"])
         write_model_dir(str(model), Captioner(ModelConfig(vocab_size=len(vocab))), vocab,
                         {"encoder_weights": "random", "feature_dtype": "float16"})
-        captions = tmp_path / "captions"
-        done = _submit(port, env, "jobs/caption.py", "--input", str(tiny_synth / "images"), "--output",
-                       str(captions), "--model", str(model), "--max-length", "5")
+        captions = "s3://cluster/submit/captions"
+        done = _submit(port, env, aws, "jobs/caption.py", "--input", images, "--output", captions,
+                       "--model", str(model), "--max-length", "5")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "caption: 40 rows, 0 errors" in done.stdout
-        assert pq.read_table(captions / schema.CAPTIONS_DIR).num_rows == 40
+        assert len(set(_s3_ids(captions, schema.CAPTIONS_DIR, aws))) == 40
         (tmp_path / "wrong-token").write_text(secrets.token_hex(32))
         no_token = {**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong-token")}
         denied = subprocess.run(
@@ -148,21 +210,72 @@ def test_job_submit_with_token_auth(tiny_synth, tmp_path):
 
 
 @pytest.mark.multinode
-def test_worker_node_lost_mid_extraction_and_mid_captioning_every_image_exactly_once(tiny_synth, tmp_path):
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node_loses_no_image(s3_images, tmp_path):
+    """cluster.yaml's shape in miniature, all data on S3: nodes too small for any actor are refused at once with
+    one line; extract and caption each lose a worker node mid-run and still write every image exactly once."""
+    images, aws = s3_images
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **aws}
     env.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multinode_pipeline.py"), str(tiny_synth / "images"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "tests" / "multinode_pipeline.py"), images, "s3://cluster/multinode",
+         str(tmp_path / "model")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    small = report["too_small"]
+    assert small["message"] and "\n" not in small["message"], small
+    assert small["message"].startswith("no node can hold a model actor") and "2x(1 CPU" in small["message"], small
+    assert small["seconds"] < 30 and not small["wrote"], small
     for job, rows_dir in (("extract", schema.FEATURES_DIR), ("caption", schema.CAPTIONS_DIR)):
         assert report[job]["removed"] and report[job]["manifest"]["rows"] == 40, job
-        ids = pq.read_table(tmp_path / ("features" if job == "extract" else "captions") / rows_dir)[
-            schema.IMAGE_ID].to_pylist()
+        assert report[job]["manifest"]["resources"]["actors"] == [2, 2], report[job]["manifest"]["resources"]
+        ids = _s3_ids(f"s3://cluster/multinode/{'features' if job == 'extract' else 'captions'}", rows_dir, aws)
         assert len(ids) == len(set(ids)) == 40, job
+    print(f"multinode run: {time.monotonic() - started:.0f}s")
+
+
+def _raycap(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "raycap.cli", *args], env={**base, **(env or {})}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_dead_address_fails_within_seconds_with_one_line(tiny_synth, tmp_path):
+    from raycap.cli import _check_reachable
+
+    closed = _free_port()  # nothing listens there once the probe socket is closed
+    started = time.monotonic()
+    done = _raycap("extract", "--input", str(tiny_synth / "images"), "--output", str(tmp_path / "out"),
+                   "--encoder-weights", "random", "--address", f"127.0.0.1:{closed}")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"raycap extract: error: --address 127.0.0.1:{closed}: no Ray cluster answers at 127.0.0.1:{closed} "
+        "(Connection refused); start one with `ray start --head`, or leave --address out for an embedded Ray"
+    ], done.stderr[-3000:]
+    assert time.monotonic() - started < 60  # the interpreter's and torch's start-up; the probe gives up after 5 s
+    assert not (tmp_path / "out").exists()
+    for address, flag in ((f"ray://127.0.0.1:{closed}", "--address"), (f"127.0.0.1:{closed}", "RAY_ADDRESS")):
+        with pytest.raises(ValueError, match=rf"^{flag} {address}: no Ray cluster answers at 127.0.0.1:{closed} "):
+            _check_reachable(address, flag)
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        _check_reachable("nowhere", "--address")
+
+
+def test_without_an_address_raycap_starts_its_own_ray_even_where_a_dead_cluster_was_the_last(tmp_path):
+    """Ray's own rule would join the last cluster started on the machine (ray_current_cluster) and retry it."""
+    temp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # Ray's socket paths must stay short
+    try:
+        dead = f"127.0.0.1:{_free_port()}"
+        (temp / "ray_current_cluster").write_text(dead)
+        code = ("from raycap.cli import init_ray; import ray; init_ray(None); "
+                "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+        done = subprocess.run([sys.executable, "-c", code], env={
+            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)},
+            cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        gcs = next(line for line in done.stdout.splitlines() if line.startswith("GCS "))[4:]
+        assert gcs and gcs != dead
+    finally:
+        _stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
