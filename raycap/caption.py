@@ -19,9 +19,9 @@ class CaptionModel(pipeline.ShardModel):
     """Actor: InceptionV3 and the captioner on one device; features never leave the actor."""
 
     def __init__(self, model: str, beam_size: int, max_length: int, length_penalty: float, precision: str,
-                 batch_size: int | None, threads: int | None = None) -> None:
+                 batch_size: int | None, threads: int | None = None, storage_options: dict | None = None) -> None:
         super().__init__(threads)
-        loaded = load_model_dir(model)
+        loaded = load_model_dir(model, storage_options)  # from its URI, once per actor
         self.extractor = FeatureExtractor(loaded.config.get("encoder_weights", "imagenet"), precision=precision,
                                           batch_size=batch_size or 16)
         if batch_size is None and self.extractor.device.type == "cuda":
@@ -81,7 +81,7 @@ def _attention_column(rows: list[np.ndarray]) -> pa.Array:
 def run(config: CaptionConfig) -> dict:
     """Caption every image under `config.input` into `config.output`; returns the manifest."""
     config.validate()
-    loaded = load_model_dir(config.model)  # fail here, with one line, not inside an actor
+    loaded = load_model_dir(config.model, config.storage_options)  # fail here, with one line, not inside an actor
     job = pipeline.ShardJob(
         input=config.input,
         output=config.output,
@@ -89,7 +89,7 @@ def run(config: CaptionConfig) -> dict:
         model_cls=CaptionModel,
         model_kwargs={"model": config.model, "beam_size": config.beam_size, "max_length": config.max_length,
                       "length_penalty": config.length_penalty, "precision": config.precision,
-                      "batch_size": config.batch_size},
+                      "batch_size": config.batch_size, "storage_options": config.storage_options},
         shard_size=config.shard_size,
         max_pixels=config.max_pixels,
         max_errors=config.max_errors,
