@@ -191,16 +191,28 @@ def _train_args(tiny_synth, features, bucket, s3_server, epochs: int) -> list[st
     ]
 
 
-def _pids_of(title: str) -> list[int]:
-    """Processes whose command line (Ray sets it to the actor's class) mentions `title`."""
-    pids = []
+def _own_pids_of(title: str) -> list[int]:
+    """Processes of this test's Ray (descendants of this process) whose command line mentions `title`.
+
+    Ray sets a worker's command line to its actor class; other Ray clusters on the machine are left alone.
+    """
+    parents, titles = {}, {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and title in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
-        except OSError:
+            if entry.name.isdigit():
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                titles[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
             continue
-    return sorted(pids)
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return sorted(pid for pid, cmd in titles.items() if title in cmd and ours(pid))
 
 
 def _history(bucket) -> list[dict]:
@@ -235,7 +247,7 @@ def test_killed_worker_resumes_from_its_s3_checkpoint(ray_session, tiny_synth, t
         latest = modeldir.latest_checkpoint(runs, s3_server)
         # Once epoch 1's checkpoint is on S3, epoch 0's has surely been registered with the controller.
         if latest and modeldir.read_checkpoint_state(latest, s3_server)["epoch"] >= 1:
-            workers = _pids_of("RayTrainWorker")
+            workers = _own_pids_of("RayTrainWorker")
             assert workers, "no training worker process found"
             os.kill(workers[-1], signal.SIGKILL)
             killed = True
@@ -243,4 +255,6 @@ def test_killed_worker_resumes_from_its_s3_checkpoint(ray_session, tiny_synth, t
     assert killed and result["code"] == 0
     history = _history(bucket)
     assert [m["epoch"] for m in history] == [0, 1, 2, 3]  # each epoch exactly once
-    assert any(m.get("resumed_from_epoch", -1) >= 1 for m in history)  # restarted from an S3 checkpoint
+    # Restarted from a checkpoint, not from scratch: the only checkpoints of this run are on S3.
+    resumed = [m["resumed_from_epoch"] for m in history if "resumed_from_epoch" in m]
+    assert len(resumed) == 1 and resumed[0] in (0, 1, 2)
