@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from raycap import storage
+from raycap import schema, storage
 from raycap.images import DEFAULT_MAX_PIXELS
 
 
@@ -127,17 +127,19 @@ class TrainConfig:
             raise ValueError("--attention-penalty must be >= 0")
         if self.cache_gb < 0:
             raise ValueError("--cache-gb must be >= 0")
+        _require_file("--features", storage.join(self.features, schema.FEATURES_DIR), self.storage_options,
+                      f"--features {self.features} has no {schema.FEATURES_DIR}/ (run `raycap extract` first)")
         _require_file("--captions", self.captions, self.storage_options)
         if self.split_file:
             _require_file("--split-file", self.split_file, self.storage_options)
 
 
-def _require_file(flag: str, location: str, storage_options: dict[str, Any]) -> None:
-    """One line naming the flag and URI when a local path or URI does not exist or cannot be reached."""
+def _require_file(flag: str, location: str, storage_options: dict[str, Any], missing: str = "") -> None:
+    """One line naming the flag and URI when a local path or URI does not exist (`missing`) or cannot be reached."""
     try:
         found = storage.exists(location, storage_options)
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line naming the URI
         raise ValueError(f"{flag} {location}: cannot read ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
                          ) from None
     if not found:
-        raise ValueError(f"{flag} {location}: no such file")
+        raise ValueError(missing or f"{flag} {location}: no such file")

@@ -40,9 +40,7 @@ class Inputs:
 def read_inputs(config: TrainConfig) -> Inputs:
     """Captions, split and the ids of the extracted images, from local paths or URIs; one ValueError line on a fault."""
     fs, features_root = storage.filesystem(config.features, config.storage_options)
-    features_dir = storage.join(features_root, schema.FEATURES_DIR)
-    if not fs.exists(features_dir):
-        raise ValueError(f"--features {config.features} has no {schema.FEATURES_DIR}/ (run `raycap extract` first)")
+    features_dir = storage.join(features_root, schema.FEATURES_DIR)  # its existence checked by config.validate
     out_fs, out_path = storage.filesystem(config.output, config.storage_options)
     if type(out_fs) is type(fs) and (out_path + "/").startswith(features_root.rstrip("/") + "/"):
         raise ValueError("--output must not be inside --features")

@@ -144,26 +144,25 @@ def test_model_dir_without_its_commit_file_is_refused(where, tmp_path, bucket, s
         modeldir.load_model_dir(location + "-missing", options)
 
 
-def test_missing_s3_captions_fail_in_one_line_before_ray(monkeypatch, capsys, tiny_synth, bucket, s3_server):
+@pytest.mark.parametrize("flag", ["--features", "--captions", "--split-file"])
+def test_missing_s3_input_fails_in_one_line_before_ray(flag, monkeypatch, capsys, tmp_path, bucket, s3_server):
     from raycap import cli
 
     monkeypatch.setattr(cli, "init_ray", lambda address: pytest.fail("Ray started before the inputs were checked"))
-    _, name = bucket
-    missing = f"s3://{name}/missing.json"
-    code = train_job.main(
-        [
-            "--features",
-            str(tiny_synth),
-            "--captions",
-            missing,
-            "--output",
-            f"s3://{name}/model",
-            "--storage-options",
-            json.dumps(s3_server),
-        ]
-    )
+    fs, name = bucket
+    fs.pipe_file(f"{name}/features/features/shard-000000.parquet", b"x")
+    fs.pipe_file(f"{name}/captions.json", b"{}")
+    paths = {
+        "--features": f"s3://{name}/features",
+        "--captions": f"s3://{name}/captions.json",
+        "--split-file": f"s3://{name}/splits.json",
+    }
+    paths[flag] = missing = f"s3://{name}/missing"
+    args = [a for f, p in paths.items() for a in (f, p)]
+    code = train_job.main([*args, "--output", f"s3://{name}/model", "--storage-options", json.dumps(s3_server)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and missing in err[0] and "--captions" in err[0]
+    assert code == 2 and len(err) == 1 and missing in err[0] and flag in err[0]
+    assert not fs.exists(f"{name}/model") and not fs.exists(f"{name}/model{train.RUNS_SUFFIX}")  # nothing written
 
 
 def _train_args(tiny_synth, features, bucket, s3_server, epochs: int) -> list[str]:
