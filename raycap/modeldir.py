@@ -116,7 +116,7 @@ def load_model_dir(
         if not fs.exists(path):
             raise ValueError(f"--model {location}: no such model directory") from None
         raise ValueError(
-            f"--model {location} is not a complete raycap model directory (no {COMMIT}: "
+            f"--model {location} is not a raycap model directory, or not a complete one (no {COMMIT}: "
             "still being written, interrupted, or not written by `raycap train`)"
         ) from None
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line naming the URI

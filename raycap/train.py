@@ -27,7 +27,7 @@ RUNS_SUFFIX = ".runs"  # Ray Train's runs and checkpoints live beside the model 
 
 @dataclass
 class Inputs:
-    """The training inputs, read and checked before Ray does any work."""
+    """The training inputs, read and checked on the driver before any Ray Data or Ray Train work."""
 
     fs: fsspec.AbstractFileSystem  # the features' filesystem
     features_dir: str  # path of the feature shards inside `fs`
@@ -70,11 +70,11 @@ def run_storage(config: TrainConfig) -> tuple[str, str, pyarrow.fs.FileSystem | 
     None for a local root, which Ray then opens itself.
     """
     fs, path = storage.filesystem(config.output, config.storage_options)
-    if "/" not in path.strip("/"):
-        raise ValueError(f"--output {config.output} must be a folder below a bucket or root, not the root itself")
     root = path + RUNS_SUFFIX
     if storage.is_local(fs):
         return root, root, None
+    if "/" not in path.strip("/"):
+        raise ValueError(f"--output {config.output} must be a folder inside a bucket, not the bucket itself")
     return storage.uri(fs, root), root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
