@@ -20,9 +20,10 @@ class CaptionModel(pipeline.ShardModel):
     """Actor: InceptionV3 and the captioner on one device; features never leave the actor."""
 
     def __init__(self, model: str, weights: ray.ObjectRef, beam_size: int, max_length: int, length_penalty: float,
-                 precision: str, batch_size: int | None, threads: int | None = None) -> None:
+                 precision: str, batch_size: int | None, threads: int | None = None,
+                 storage_options: dict | None = None) -> None:
         super().__init__(threads)
-        loaded = load_model_dir(model)
+        loaded = load_model_dir(model, storage_options)  # from its URI, once per actor
         self.extractor = FeatureExtractor(ray.get(weights), precision=precision,
                                           batch_size=batch_size or 16)
         if batch_size is None and self.extractor.device.type == "cuda":
@@ -82,7 +83,7 @@ def _attention_column(rows: list[np.ndarray]) -> pa.Array:
 def run(config: CaptionConfig) -> dict:
     """Caption every image under `config.input` into `config.output`; returns the manifest."""
     config.validate()
-    loaded = load_model_dir(config.model)  # fail here, with one line, not inside an actor
+    loaded = load_model_dir(config.model, config.storage_options)  # fail here, with one line, not inside an actor
     # The encoder the model was trained on, resolved once here and shared with every actor.
     weights = ray.put(resolve_weights(loaded.config.get("encoder_weights", "imagenet"), config.storage_options))
     job = pipeline.ShardJob(
@@ -92,7 +93,8 @@ def run(config: CaptionConfig) -> dict:
         model_cls=CaptionModel,
         model_kwargs={"model": config.model, "weights": weights, "beam_size": config.beam_size,
                       "max_length": config.max_length, "length_penalty": config.length_penalty,
-                      "precision": config.precision, "batch_size": config.batch_size},
+                      "precision": config.precision, "batch_size": config.batch_size,
+                      "storage_options": config.storage_options},
         shard_size=config.shard_size,
         max_pixels=config.max_pixels,
         max_errors=config.max_errors,

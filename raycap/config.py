@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from raycap import storage
+from raycap import schema, storage
 from raycap.images import DEFAULT_MAX_PIXELS
 
 VERBOSE_ENV = "RAYCAP_VERBOSE"  # 1: show Ray's own log lines too (as --verbose does)
@@ -30,15 +30,16 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
-def require_exists(location: str, flag: str, storage_options: dict[str, Any] | None = None) -> None:
-    """One ValueError line naming `flag` when `location` (a path or URI) is missing or cannot be checked."""
+def require_exists(location: str, flag: str, storage_options: dict[str, Any] | None = None, missing: str = "") -> None:
+    """One ValueError line naming `flag` when `location` (a path or URI) is missing (`missing`, if given) or
+    cannot be checked."""
     try:
         found = storage.exists(location, storage_options)
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line naming the URI
         detail = " ".join(str(e).split())[:200]
         raise ValueError(f"{flag} {location}: cannot read ({type(e).__name__}: {detail})") from None
     if not found:
-        raise ValueError(f"{flag} does not exist: {location}")
+        raise ValueError(missing or f"{flag} does not exist: {location}")
 
 
 def _check_weights(weights: str, storage_options: dict[str, Any]) -> None:
@@ -147,7 +148,8 @@ class TrainConfig:
             raise ValueError("--attention-penalty must be >= 0")
         if self.cache_gb < 0:
             raise ValueError("--cache-gb must be >= 0")
-        require_exists(self.features, "--features", self.storage_options)
+        require_exists(storage.join(self.features, schema.FEATURES_DIR), "--features", self.storage_options,
+                       f"--features {self.features} has no {schema.FEATURES_DIR}/ (run `raycap extract` first)")
         require_exists(self.captions, "--captions", self.storage_options)
         if self.split_file:
             require_exists(self.split_file, "--split-file", self.storage_options)

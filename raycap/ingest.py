@@ -16,28 +16,40 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from raycap import schema
+from raycap import schema, storage
 
 
-def load_captions(path: str, max_captions: int | None = None, seed: int = 0) -> dict[str, list[str]]:
+def load_captions(
+    location: str, max_captions: int | None = None, seed: int = 0, storage_options: dict[str, Any] | None = None
+) -> dict[str, list[str]]:
     """Captions by image id from COCO captions JSON or a CSV/Parquet table of (file_name or path, caption).
 
-    With `max_captions`, a seeded random subset of captions is kept (the tutorial's 30,000 of COCO).
+    `location` is a local path or URI. With `max_captions`, a seeded random subset of captions is kept
+    (the tutorial's 30,000 of COCO).
     """
+    data = storage.read_bytes(location, storage_options, "--captions")
     pairs: list[tuple[str, str]] = []
-    if path.endswith(".json"):
-        with open(path) as f:
-            coco = json.load(f)
+    if location.endswith(".json"):
         try:
+            coco = json.loads(data)
             names = {im["id"]: im["file_name"] for im in coco["images"]}
             pairs = [(names[a["image_id"]], a["caption"]) for a in coco["annotations"]]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--captions {location} is not JSON ({e})") from None
         except (KeyError, TypeError) as e:
-            raise ValueError(f"--captions {path!r} is not COCO captions JSON (missing {e})") from None
+            raise ValueError(f"--captions {location} is not COCO captions JSON (missing {e})") from None
     else:
-        table = pq.read_table(path) if path.endswith(".parquet") else pacsv.read_csv(path)
+        try:
+            table = (
+                pq.read_table(pa.BufferReader(data))
+                if location.endswith(".parquet")
+                else pacsv.read_csv(pa.BufferReader(data))
+            )
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"--captions {location} cannot be read as a table ({_one_line(e)})") from None
         key = next((c for c in ("file_name", "image_id", "path") if c in table.column_names), None)
         if key is None or "caption" not in table.column_names:
-            raise ValueError(f"--captions {path!r} needs columns (file_name | image_id | path, caption)")
+            raise ValueError(f"--captions {location} needs columns (file_name | image_id | path, caption)")
         pairs = list(zip(table[key].to_pylist(), table["caption"].to_pylist()))
     if max_captions is not None and len(pairs) > max_captions:
         pairs = random.Random(seed).sample(pairs, max_captions)
@@ -45,21 +57,30 @@ def load_captions(path: str, max_captions: int | None = None, seed: int = 0) -> 
     for name, caption in pairs:
         captions.setdefault(str(name).replace(os.sep, "/"), []).append(str(caption))
     if not captions:
-        raise ValueError(f"--captions {path!r} holds no captions")
+        raise ValueError(f"--captions {location} holds no captions")
     return captions
 
 
-def split_images(image_ids: list[str], split_file: str | None, seed: int) -> tuple[list[str], list[str]]:
-    """Train and val image ids: from splits.json, or a seeded 95/5 split by image (never by caption)."""
+def split_images(
+    image_ids: list[str], split_file: str | None, seed: int, storage_options: dict[str, Any] | None = None
+) -> tuple[list[str], list[str]]:
+    """Train and val image ids: from splits.json (a local path or URI), or a seeded 95/5 split by image."""
     if split_file:
-        with open(split_file) as f:
-            splits = json.load(f)
+        try:
+            splits = json.loads(storage.read_bytes(split_file, storage_options, "--split-file"))
+            train, val = list(splits["train"]), list(splits.get("val", []))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"--split-file {split_file} is not JSON with a train list ({e!r})") from None
         known = set(image_ids)
-        return [i for i in splits["train"] if i in known], [i for i in splits.get("val", []) if i in known]
+        return [i for i in train if i in known], [i for i in val if i in known]
     ids = sorted(image_ids)
     random.Random(seed).shuffle(ids)
     n_val = max(1, len(ids) // 20)
     return ids[n_val:], ids[:n_val]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -114,9 +135,12 @@ def caption_batch(
             pairs.append((len(rows), cap, count))
         rows.append(row)
     pairs.sort(key=lambda p: -len(p[1]))
-    return (torch.tensor(rows, dtype=torch.long), _pad([list(p[1]) for p in pairs]),
-            torch.tensor([p[0] for p in pairs], dtype=torch.long),
-            torch.tensor([p[2] for p in pairs], dtype=torch.float32))
+    return (
+        torch.tensor(rows, dtype=torch.long),
+        _pad([list(p[1]) for p in pairs]),
+        torch.tensor([p[0] for p in pairs], dtype=torch.long),
+        torch.tensor([p[2] for p in pairs], dtype=torch.float32),
+    )
 
 
 class WorkerFeatures:
@@ -141,9 +165,13 @@ class WorkerFeatures:
             return
         kept: list[pa.Table] | None = [] if self.cache_bytes > 0 else None
         size = 0
-        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",
-                                             prefetch_batches=4, local_shuffle_buffer_size=self.batch_size * 4,
-                                             local_shuffle_seed=self.seed + epoch):
+        for batch in self.shard.iter_batches(
+            batch_size=self.batch_size,
+            batch_format="pyarrow",
+            prefetch_batches=4,
+            local_shuffle_buffer_size=self.batch_size * 4,
+            local_shuffle_seed=self.seed + epoch,
+        ):
             if kept is not None:
                 size += batch.nbytes
                 if size <= self.cache_bytes:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from jobs import train as train_job
-from raycap import ingest, train
-from raycap.modeldir import load_model_dir
+from raycap import ingest, modeldir, train, train_worker
+from raycap.model import Captioner, ModelConfig
+from raycap.text import Vocabulary
 
 
 def test_caption_batch_sorts_by_length_and_indexes_images():
@@ -89,94 +91,169 @@ def test_worker_features_stream_once_when_they_fit_and_every_epoch_when_not(ray_
     assert orders[1] != orders[2]  # reshuffled each epoch, from the cache too
 
 
-def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+def test_optimizer_state_round_trips_through_safetensors():
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
-    train._save_optimizer(opt, str(tmp_path / "opt.safetensors"))
     fresh = torch.optim.Adam(model.parameters(), lr=0.5)
-    train._load_optimizer(fresh, str(tmp_path / "opt.safetensors"))
+    modeldir.load_optimizer(fresh, modeldir.optimizer_bytes(opt))
     assert fresh.param_groups[0]["lr"] == 0.1
     for a, b in zip(opt.state.values(), fresh.state.values()):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    assert train.lr_factor(0, 10, 100) == pytest.approx(0.1)
-    assert train.lr_factor(9, 10, 100) == pytest.approx(1.0)
-    assert train.lr_factor(100, 10, 100) == pytest.approx(0.1)
+    assert train_worker.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert train_worker.lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert train_worker.lr_factor(100, 10, 100) == pytest.approx(0.1)
 
 
-def _train_args(tiny_synth, features, output, epochs: int) -> list[str]:
+@pytest.fixture
+def bucket(s3_server):
+    """A fresh bucket on the moto server for one test, and a filesystem that never serves cached listings."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server, use_listings_cache=False, skip_instance_cache=True)
+    name = f"train-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    return fs, name
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_model_dir_without_its_commit_file_is_refused(where, tmp_path, bucket, s3_server):
+    fs, name = bucket
+    location = str(tmp_path / "model") if where == "local" else f"s3://{name}/model"
+    options = {} if where == "local" else s3_server
+    vocab = Vocabulary.build(["a red circle", "a blue square"])
+    model = Captioner(ModelConfig(vocab_size=len(vocab), embedding_dim=8, units=8))
+    written = modeldir.write_model_dir(location, model, vocab, {"encoder_weights": "random"}, [{"epoch": 0}], options)
+    assert modeldir.load_model_dir(location, options).model_id == written
+    written_again = modeldir.write_model_dir(location, model, vocab, {"encoder_weights": "random"}, None, options)
+    assert written_again == written  # overwriting an existing model: same bytes, same id
+    commit = f"{location}/{modeldir.COMMIT}"
+    if where == "local":
+        os.remove(commit)
+    else:
+        fs.rm_file(commit)
+    with pytest.raises(ValueError) as e:
+        modeldir.load_model_dir(location, options)
+    message = str(e.value)
+    assert "\n" not in message and location in message and modeldir.COMMIT in message
+    with pytest.raises(ValueError, match="no such model directory"):
+        modeldir.load_model_dir(location + "-missing", options)
+
+
+@pytest.mark.parametrize("flag", ["--features", "--captions", "--split-file"])
+def test_missing_s3_input_fails_in_one_line_before_ray(flag, monkeypatch, capsys, tmp_path, bucket, s3_server):
+    from raycap import cli
+
+    monkeypatch.setattr(cli, "init_ray", lambda address: pytest.fail("Ray started before the inputs were checked"))
+    fs, name = bucket
+    fs.pipe_file(f"{name}/features/features/shard-000000.parquet", b"x")
+    fs.pipe_file(f"{name}/captions.json", b"{}")
+    paths = {
+        "--features": f"s3://{name}/features",
+        "--captions": f"s3://{name}/captions.json",
+        "--split-file": f"s3://{name}/splits.json",
+    }
+    paths[flag] = missing = f"s3://{name}/missing"
+    args = [a for f, p in paths.items() for a in (f, p)]
+    code = train_job.main([*args, "--output", f"s3://{name}/model", "--storage-options", json.dumps(s3_server)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and missing in err[0] and flag in err[0]
+    assert not fs.exists(f"{name}/model") and not fs.exists(f"{name}/model{train.RUNS_SUFFIX}")  # nothing written
+
+
+def _train_args(tiny_synth, features, bucket, s3_server, epochs: int) -> list[str]:
+    """The train command with captions, split file, model directory and checkpoints on the moto S3 server."""
+    fs, name = bucket
+    for file in ("captions.json", "splits.json"):
+        fs.put_file(str(tiny_synth / file), f"{name}/{file}")
     return [
         "--features",
         str(features),
         "--captions",
-        str(tiny_synth / "captions.json"),
+        f"s3://{name}/captions.json",
         "--split-file",
-        str(tiny_synth / "splits.json"),
+        f"s3://{name}/splits.json",
         "--output",
-        str(output),
+        f"s3://{name}/model",
         "--epochs",
         str(epochs),
         "--workers",
         "2",
         "--batch-size",
         "4",
+        "--storage-options",
+        json.dumps(s3_server),
     ]
 
 
-def _pids_of(title: str) -> list[int]:
-    """Processes whose command line (Ray sets it to the actor's class) mentions `title`."""
-    pids = []
+def _own_pids_of(title: str) -> list[int]:
+    """Processes of this test's Ray (descendants of this process) whose command line mentions `title`.
+
+    Ray sets a worker's command line to its actor class; other Ray clusters on the machine are left alone.
+    """
+    parents, titles = {}, {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and title in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
-        except OSError:
+            if entry.name.isdigit():
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                titles[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
             continue
-    return sorted(pids)
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return sorted(pid for pid, cmd in titles.items() if title in cmd and ours(pid))
 
 
-def _history(model) -> list[dict]:
-    return [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
+def _history(bucket) -> list[dict]:
+    fs, name = bucket
+    return [json.loads(line) for line in fs.cat_file(f"{name}/model/{modeldir.METRICS}").decode().splitlines()]
 
 
-def test_rerun_of_the_same_command_resumes(ray_session, tiny_synth, tiny_features, tmp_path):
-    model = tmp_path / "model"
+def test_rerun_of_the_same_command_resumes_from_s3(ray_session, tiny_synth, tiny_features, bucket, s3_server):
     cached = ["--cache-gb", "1"]  # and the in-worker feature cache, through a real DDP run
-    assert train_job.main([*_train_args(tiny_synth, tiny_features, model, 1), *cached]) == 0
-    first = _history(model)
-    assert train_job.main([*_train_args(tiny_synth, tiny_features, model, 3), *cached]) == 0
-    history = _history(model)
+    assert train_job.main([*_train_args(tiny_synth, tiny_features, bucket, s3_server, 1), *cached]) == 0
+    first = _history(bucket)
+    assert train_job.main([*_train_args(tiny_synth, tiny_features, bucket, s3_server, 3), *cached]) == 0
+    history = _history(bucket)
     assert [m["epoch"] for m in history] == [0, 1, 2]
     assert history[0] == first[0]  # epoch 0 was not trained again
     assert history[1]["resumed_from_epoch"] == 0
-    loaded = load_model_dir(str(model))
+    loaded = modeldir.load_model_dir(f"s3://{bucket[1]}/model", s3_server)
     assert loaded.config["epochs"] == 3 and loaded.config["encoder_weights"] == "random"
     assert float(loaded.model.encoder.feature_scale.mean()) != 1.0  # normalisation saved with the weights
 
 
-def test_killed_worker_resumes_from_its_checkpoint(ray_session, tiny_synth, tiny_features, tmp_path):
-    model = tmp_path / "model"
-    runs = tmp_path / "model.runs"
+def test_killed_worker_resumes_from_its_s3_checkpoint(ray_session, tiny_synth, tiny_features, bucket, s3_server):
+    runs = f"s3://{bucket[1]}/model{train.RUNS_SUFFIX}"
     result: dict = {}
     # Streamed epochs (--cache-gb 0) take seconds even on 40 images, so the kill lands mid-training.
-    args = [*_train_args(tiny_synth, tiny_features, model, 4), "--cache-gb", "0"]
+    args = [*_train_args(tiny_synth, tiny_features, bucket, s3_server, 4), "--cache-gb", "0"]
     job = threading.Thread(target=lambda: result.update(code=train_job.main(args)))
     job.start()
     killed = False
     while job.is_alive() and not killed:
-        job.join(timeout=0.1)  # wakes to check for the first checkpoint; not a sleep
-        # Once epoch 1's checkpoint is on disk, epoch 0's has surely been registered with the controller.
-        if any(json.loads(p.read_text())["epoch"] >= 1 for p in runs.glob("*/checkpoint_*/state.json")):
-            workers = _pids_of("RayTrainWorker")
+        job.join(timeout=0.5)  # wakes to check for the first checkpoints; not a sleep
+        latest = modeldir.latest_checkpoint(runs, s3_server)
+        # Once epoch 1's checkpoint is on S3, epoch 0's has surely been registered with the controller.
+        if latest and modeldir.read_checkpoint_state(latest, s3_server)["epoch"] >= 1:
+            workers = _own_pids_of("RayTrainWorker")
             assert workers, "no training worker process found"
             os.kill(workers[-1], signal.SIGKILL)
             killed = True
     job.join()
     assert killed and result["code"] == 0
-    history = _history(model)
-    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
-    assert any("resumed_from_epoch" in m for m in history)  # restarted from a checkpoint, not from scratch
+    history = _history(bucket)
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3]  # each epoch exactly once
+    # Restarted from a checkpoint, not from scratch: the only checkpoints of this run are on S3.
+    resumed = [m["resumed_from_epoch"] for m in history if "resumed_from_epoch" in m]
+    assert len(resumed) == 1 and resumed[0] in (0, 1, 2)

@@ -1,0 +1,180 @@
+"""One Ray Train DDP worker: its typed config, the epoch loop, validation on rank 0, checkpoints and resume."""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from raycap import modeldir, schema
+from raycap.config import TrainConfig
+from raycap.metrics import caption_scores
+from raycap.ingest import WorkerFeatures, caption_batch
+from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
+from raycap.text import Vocabulary
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs, built once by the driver and shipped with the training function."""
+
+    settings: TrainConfig  # the user's hyper-parameters (epochs, batch size, learning rate, seed, ...)
+    model: ModelConfig  # captioner sizes (vocabulary size from the built vocabulary)
+    vocab_json: str  # the vocabulary, serialised (saved in every checkpoint)
+    captions: dict[str, list[list[int]]]  # train image id -> its encoded captions
+    val_captions: dict[str, list[list[int]]]  # val image id -> its encoded captions (val loss)
+    val_refs: dict[str, list[str]]  # val image id -> its reference captions (BLEU-4, CIDEr)
+    feature_mean: list[float]  # (2048,) per-channel mean of the train features
+    feature_std: list[float]  # (2048,) per-channel std of the train features
+    total_steps: int  # optimizer steps over all epochs, for the cosine decay
+    threads: int  # torch threads of a CPU worker
+    resume: str | None = None  # URI of an earlier run's newest checkpoint; None: start fresh
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options to read `resume`
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _features(batch: pa.Table, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(schema.features_to_numpy(batch[schema.FEATURES]).astype(np.float32)).to(device)
+
+
+def validate(
+    model: Captioner,
+    val_batches: list[pa.Table],
+    captions: dict[str, list[list[int]]],
+    refs: dict[str, list[str]],
+    vocab: Vocabulary,
+    device: torch.device,
+) -> dict[str, float]:
+    """Teacher-forced val loss, and BLEU-4 / CIDEr of free-running greedy captions over the whole val split."""
+    model.eval()
+    total, count, res = 0.0, 0, {}
+    with torch.no_grad():
+        for batch in val_batches:
+            ids = batch[schema.IMAGE_ID].to_pylist()
+            feats = _features(batch, device)  # (B, 64, 2048)
+            rows, caps, index, weights = caption_batch(ids, captions)
+            if len(rows):
+                logits, alphas = model(feats[rows.to(device)], caps.to(device), index.to(device))
+                n = float(((caps[:, 1:] != 0).sum(1) * weights).sum())
+                total += float(caption_loss(logits, alphas, caps.to(device), weights=weights.to(device))) * n
+                count += n
+            gen = greedy_search(model, feats, vocab.start_id, vocab.end_id, max_length=20)
+            for image_id, length, toks in zip(ids, gen.lengths.tolist(), gen.tokens.tolist()):
+                res[image_id] = " ".join(vocab.decode(toks[:length]))
+    metrics = {"val_loss": total / max(1, count)}
+    res = {k: v for k, v in res.items() if k in refs}
+    if res:
+        scores = caption_scores({k: refs[k] for k in res}, res, java=False)
+        metrics.update({"val_bleu4": scores["BLEU-4"], "val_cider": scores["CIDEr"]})
+    return metrics
+
+
+def _restore(cfg: WorkerConfig, model: Captioner, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The state of the checkpoint to continue from, after loading it into `model` and `optimizer`.
+
+    Within a run Ray Train hands back the last reported checkpoint after a failure; a rerun of the same
+    command starts from the newest checkpoint of the earlier runs (Train V2 has no resume_from_checkpoint).
+    """
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            return modeldir.load_checkpoint(d, None, model, optimizer)
+    if cfg.resume:
+        return modeldir.load_checkpoint(cfg.resume, cfg.storage_options, model, optimizer)
+    return None
+
+
+def train_loop_per_worker(cfg: WorkerConfig) -> None:
+    """One DDP worker: stream its share of the train features, pair them with their captions, learn."""
+    s = cfg.settings
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(s.seed)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    vocab = Vocabulary.from_json(cfg.vocab_json)
+    model = Captioner(cfg.model)
+    model.encoder.set_normalization(torch.tensor(cfg.feature_mean), torch.tensor(cfg.feature_std))
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
+    state = _restore(cfg, model, optimizer)
+    start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
+    history: list[dict[str, Any]] = state["history"] if state else []
+    resumed_from = state["epoch"] if state else None
+    model = ray.train.torch.prepare_model(model)
+    core: Captioner = model.module if hasattr(model, "module") else model
+    train_features = WorkerFeatures(ray.train.get_dataset_shard("train"), s.batch_size, s.seed, int(s.cache_gb * 2**30))
+    val_shard = ray.train.get_dataset_shard("val")
+    val_batches: list[pa.Table] | None = None  # the val split is small: read once, kept by rank 0
+    autocast = device.type == "cuda"
+    for epoch in range(start_epoch, s.epochs):
+        model.train()
+        started, samples, loss_sum, batches, waited = time.time(), 0, 0.0, 0, 0.0
+        batches_iter = train_features.batches(epoch)
+        while True:
+            t = time.time()
+            batch = next(batches_iter, None)
+            waited += time.time() - t
+            if batch is None:
+                break
+            rows, caps, index, weights = caption_batch(batch[schema.IMAGE_ID].to_pylist(), cfg.captions)
+            feats = _features(batch, device)[rows.to(device)]  # (M, 64, 2048)
+            caps, index, weights = caps.to(device), index.to(device), weights.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = s.learning_rate * lr_factor(step, s.warmup_steps, cfg.total_steps)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                logits, alphas = model(feats, caps, index)
+                loss = caption_loss(logits, alphas, caps, s.attention_penalty, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            optimizer.step()
+            step += 1
+            batches += 1
+            samples += int(weights.sum())
+            loss_sum += float(loss)
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": loss_sum / max(1, batches),
+            "samples_per_second": samples * ctx.get_world_size() / (time.time() - started),
+            "input_wait_fraction": waited / max(1e-9, time.time() - started),
+        }
+        if resumed_from is not None:
+            metrics["resumed_from_epoch"], resumed_from = resumed_from, None
+        if rank == 0:
+            if val_batches is None:
+                val_batches = list(val_shard.iter_batches(batch_size=64, batch_format="pyarrow"))
+            metrics.update(validate(core, val_batches, cfg.val_captions, cfg.val_refs, vocab, device))
+            history.append(metrics)
+            # Written, not printed: Ray Train's patched print would show the line twice (stdout and its logger).
+            sys.stdout.write(
+                "epoch "
+                + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+                + "\n"
+            )
+            sys.stdout.flush()
+            with tempfile.TemporaryDirectory() as d:
+                modeldir.write_checkpoint(
+                    d, core, optimizer, {"epoch": epoch, "step": step, "history": history}, cfg.vocab_json
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
