@@ -74,6 +74,7 @@ def test_a_missing_input_is_one_line_before_ray_starts(tmp_path, capsys, no_ray)
         capsys, ["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", missing]
     )
     assert "--model" in line and missing in line
+    (tmp_path / "features").mkdir()
     line = one_error_line(
         capsys, ["train", "--features", str(tmp_path), "--captions", missing, "--output", str(tmp_path / "m")]
     )
