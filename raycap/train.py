@@ -135,7 +135,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             step += 1
             batches += 1
             samples += int(weights.sum())
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         metrics: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, batches),
                                    "samples_per_second": samples * ctx.get_world_size() / (time.time() - started),
                                    "input_wait_fraction": waited / max(1e-9, time.time() - started)}
