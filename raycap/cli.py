@@ -12,6 +12,7 @@ On a Ray cluster (the code travels with --working-dir; jobs/*.py take the same f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,9 @@ from typing import Any
 
 from raycap.config import VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options, verbose
 from raycap.images import DEFAULT_MAX_PIXELS
+
+# Every numeric TrainConfig field is a `raycap train` flag of the same name (--epochs, --batch-size, ...).
+TRAIN_NUMBERS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "int | None")]
 
 # Set in the environment unless already there, when not verbose (see quiet_ray).
 QUIET_RAY_ENV = {
@@ -113,22 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="model directory; rerunning resumes from its checkpoints")
     p.add_argument("--split-file", help="splits.json with train/val file names (default: seeded 95/5)")
     defaults = TrainConfig("", "", "")
-    for name in (
-        "epochs",
-        "workers",
-        "batch_size",
-        "learning_rate",
-        "attention_penalty",
-        "vocab_size",
-        "max_captions",
-        "max_failures",
-        "seed",
-        "grad_clip",
-        "warmup_steps",
-        "units",
-        "embedding_dim",
-        "cache_gb",
-    ):
+    for name in TRAIN_NUMBERS:
         kind = float if isinstance(getattr(defaults, name), float) else int
         p.add_argument(
             "--" + name.replace("_", "-"),
@@ -287,24 +276,6 @@ def _run_caption(a: argparse.Namespace) -> None:
 
 
 def _run_train(a: argparse.Namespace) -> None:
-    names = (
-        "epochs",
-        "workers",
-        "batch_size",
-        "learning_rate",
-        "attention_penalty",
-        "vocab_size",
-        "max_captions",
-        "max_failures",
-        "seed",
-        "grad_clip",
-        "warmup_steps",
-        "units",
-        "embedding_dim",
-        "use_gpu",
-        "init_state",
-        "cache_gb",
-    )
     config = TrainConfig(
         a.features,
         a.captions,
@@ -312,7 +283,9 @@ def _run_train(a: argparse.Namespace) -> None:
         split_file=a.split_file,
         storage_options=parse_storage_options(a.storage_options),
         address=a.address,
-        **{n: getattr(a, n) for n in names},
+        use_gpu=a.use_gpu,
+        init_state=a.init_state,
+        **{n: getattr(a, n) for n in TRAIN_NUMBERS},
     )
     config.validate()  # before importing torch and Ray: a mistake is reported in a second
     from raycap import train

@@ -6,6 +6,8 @@ Run `make demo`, or `python -m raycap.demo --num-images 200 --epochs 1` for a qu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -38,10 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, test_images = os.path.join(out, "data"), os.path.join(out, "test-images")
     started = time.time()
 
-    def step(name: str, *command: str) -> None:
+    def step(name: str, *command: str, echo: bool = True) -> None:
         t = time.time()
         print(f"\n== raycap {name} {' '.join(command)}", flush=True)
-        code = cli.main([name, *command])
+        with contextlib.nullcontext() if echo else contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main([name, *command])
         if code:
             sys.exit(code)
         print(f"== {name} took {time.time() - t:.0f}s", flush=True)
@@ -96,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.path.join(data, "objects.json"),
         "--output",
         os.path.join(out, "metrics.json"),
+        echo=False,  # the metrics JSON is in metrics.json; the summary below prints the headline figures
     )
     from raycap.predictions import load_predictions
 

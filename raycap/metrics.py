@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
+import sys
+from collections.abc import Iterator
 
 from raycap.text import standardize
 
 Result = dict[str, float | str | int]
 
 
+@contextlib.contextmanager
+def _quiet_java() -> Iterator[None]:
+    """Java's PTBTokenizer reports its speed on the stderr it inherits: point file descriptor 2 at /dev/null."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tokenize_ptb(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), _quiet_java():
         out = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
     # The tokenizer drops trailing empty lines, so only an empty last caption may come back missing.
     if any(k not in out and any(c.strip() for c in v) for k, v in captions.items()):

@@ -149,7 +149,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             step += 1
             batches += 1
             samples += int(weights.sum())
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "step": step,

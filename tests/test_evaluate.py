@@ -88,13 +88,14 @@ def test_bad_inputs_fail_with_a_clear_error(tmp_path: Path, refs: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="needs java for PTBTokenizer and METEOR")
-def test_java_adds_ptb_tokenisation_and_meteor(tmp_path: Path, refs: Path) -> None:
+def test_java_adds_ptb_tokenisation_and_meteor(tmp_path: Path, refs: Path, capfd) -> None:
     rows = perfect()
     rows[0]["caption"] = "A red circle, on the left; and a blue square on the top."
     out = evaluate(str(write_predictions(tmp_path / "p.parquet", rows)), str(refs))
     assert out["tokenizer"] == "ptb"
     assert 0.9 < out["METEOR"] <= 1.0
     assert out["BLEU-4"] == pytest.approx(1.0, abs=1e-6)  # punctuation is removed by the tokenizer
+    assert capfd.readouterr().err == ""  # java's tokenizer does not report its speed on the terminal
 
 
 RED_LEFT, BLUE_TOP = ("red", "circle", "left"), ("blue", "square", "top")
