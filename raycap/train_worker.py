@@ -18,8 +18,8 @@ import torch
 
 from raycap import modeldir, schema
 from raycap.config import TrainConfig
-from raycap.metrics import caption_scores
 from raycap.ingest import WorkerFeatures, caption_batch
+from raycap.metrics import caption_scores
 from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
 from raycap.text import Vocabulary
 

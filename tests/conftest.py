@@ -45,6 +45,8 @@ def s3_server():
     """moto's S3 server on loopback (a real HTTP endpoint, as s3fs tests itself) and its s3fs options."""
     from moto.server import ThreadedMotoServer
 
+    # botocore would otherwise spend ~10 s asking an EC2 metadata endpoint for a region on the first S3 call.
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
