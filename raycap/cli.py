@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import sys
@@ -122,7 +123,8 @@ def init_ray(address: str | None) -> None:
     if address is None and os.environ.get("RAY_ADDRESS"):
         address, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address is None:
-        ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+        ray.init(address="local", log_to_driver=True, logging_level=logging.ERROR,  # no start-up chatter
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     else:
         _check_reachable(address, flag)
         ray.init(address=address, log_to_driver=True)
