@@ -23,7 +23,7 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
 
 
 def _check_weights(weights: str) -> None:
-    if weights not in ("imagenet", "random") and "://" not in weights and not os.path.isfile(weights):
+    if weights not in ("imagenet", "random") and not weights.startswith("s3://") and not os.path.isfile(weights):
         raise ValueError(f"--encoder-weights must be imagenet, random or an existing file, got {weights!r}")
 
 

@@ -173,7 +173,6 @@ class FeatureExtractor:
         self.batch_size = batch_size
         if isinstance(weights, str):
             weights = resolve_weights(weights)
-        self.weights = weights.spec
         trunk = _inception_trunk(weights)
         if weights.safetensors is None:
             _calibrate_random(trunk)
