@@ -146,7 +146,7 @@ def _check_reachable(address: str, flag: str, timeout: float = 5.0) -> None:
     if not host or not port.isdigit():
         raise ValueError(f"{flag} {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [::1]:6379 too
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise ValueError(f"{flag} {address}: no Ray cluster answers at {host}:{port} ({reason}); start one with "
