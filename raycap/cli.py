@@ -215,7 +215,8 @@ def init_ray(address: str | None) -> None:
     if address is None and os.environ.get("RAY_ADDRESS"):
         address, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address is None:
-        ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+        ray.init(address="local", log_to_driver=True, logging_level=logging.ERROR,  # no start-up chatter
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     else:
         _check_reachable(address, flag)
         ray.init(address=address, log_to_driver=True)
@@ -237,7 +238,7 @@ def _check_reachable(address: str, flag: str, timeout: float = 5.0) -> None:
     if not host or not port.isdigit():
         raise ValueError(f"{flag} {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [::1]:6379 too
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise ValueError(f"{flag} {address}: no Ray cluster answers at {host}:{port} ({reason}); start one with "

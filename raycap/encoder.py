@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
-from contextlib import nullcontext, redirect_stderr
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +85,7 @@ def resolve_weights(spec: str, storage_options: dict[str, Any] | None = None) ->
         return EncoderWeights(spec, None)
     if spec == "imagenet":
         try:
-            with redirect_stderr(io.StringIO()):  # torch.hub's "Downloading ..." line; the outcome speaks for itself
+            with redirect_stdout(io.StringIO()):  # torch.hub's "Downloading ..." line: the outcome speaks for itself
                 state = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as e:  # noqa: BLE001 - any download failure is one user-facing message
             raise ValueError(

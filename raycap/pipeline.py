@@ -179,7 +179,8 @@ def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
 def plan_resources(job: ShardJob) -> dict[str, Any]:
     """Actor pool size, GPUs, CPUs and threads per actor, CPUs per decode/write task, planned per node
     (raycap.resources); a job no node shape can run raises Unschedulable (one line) before anything starts."""
-    res = resources.plan_actors(resources.node_shapes(), job.gpus_per_actor, job.actors)
+    res = resources.plan_actors(resources.node_shapes(), job.gpus_per_actor, job.actors,
+                                alive=resources.node_shapes(autoscaler=False))
     # GPU actors: two shards in flight, the next one is fetched while this one runs. CPU actors: one, since a
     # shard takes many seconds there; a free actor takes the next one and none sits on a queue at the end.
     return {**res, "in_flight": 2 if res["num_gpus"] else 1}

@@ -48,8 +48,9 @@ def describe(shapes: Iterable[NodeShape]) -> str:
     return ", ".join(map(str, shapes)) or "none"
 
 
-def node_shapes() -> list[NodeShape]:
-    """The alive nodes of the connected Ray cluster, grouped by shape, plus the node types its autoscaler may add."""
+def node_shapes(autoscaler: bool = True) -> list[NodeShape]:
+    """The alive nodes of the connected Ray cluster, grouped by shape, plus (`autoscaler`) the node types its
+    autoscaler may add."""
     import ray
 
     counts: dict[tuple[float, float, float], int] = {}
@@ -58,7 +59,7 @@ def node_shapes() -> list[NodeShape]:
             res = node.get("Resources", {})
             key = (float(res.get("CPU", 0)), float(res.get("GPU", 0)), float(res.get("memory", 0)))
             counts[key] = counts.get(key, 0) + 1
-    for group in _autoscaler_node_groups():
+    for group in _autoscaler_node_groups() if autoscaler else []:
         key = (
             float(group.resources.get("CPU", 0)),
             float(group.resources.get("GPU", 0)),
@@ -120,8 +121,13 @@ def plan_actors(
     shapes: list[NodeShape],
     gpus_per_actor: float | None,
     actors: tuple[int, int] | None,
+    alive: list[NodeShape] | None = None,
 ) -> dict[str, Any]:
-    """Model actors (count, CPUs, GPUs, threads) and decode CPUs that fit these nodes; Unschedulable if none do."""
+    """Model actors (count, CPUs, GPUs, threads) and decode CPUs that fit these nodes; Unschedulable if none do.
+
+    `shapes` may include nodes an autoscaler can add; the pool then starts with what the `alive` ones hold
+    (at least one actor, for which the autoscaler starts a node) and grows to what all of them hold.
+    """
     gpus = sum(s.gpus * s.count for s in shapes)
     gpus_per_actor = gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus else 0.0)
     if gpus_per_actor > 0:
@@ -164,7 +170,9 @@ def plan_actors(
     elif gpus_per_actor > 0:
         chosen = (1, most)
     else:
-        chosen = (most, most)
+        cores = threads
+        now = most if alive is None else safe_actor_count(alive, actor_cpus, 0, max(decode_cpus, WRITE_CPUS), cores)
+        chosen = (max(1, min(now, most)), most)
     return {
         "actors": chosen,
         "num_gpus": gpus_per_actor,

@@ -64,6 +64,8 @@ def test_the_issues_cluster_gets_two_actors_and_smaller_decode_tasks():
     assert plan["actors"] == (2, 2) and plan["actor_cpus"] == 0.75 and plan["decode_cpus"] == 0.25
     single = plan_actors(SHAPES["one 2-CPU machine"], None, None)
     assert single["actors"] == (2, 2) and single["decode_cpus"] == 0.5  # as before on one machine
+    autoscaled = plan_actors([HEAD, NodeShape(16, 0, 32 * GIB, 8)], None, None, alive=[HEAD])
+    assert autoscaled["actors"] == (1, 64) and autoscaled["actor_cpus"] == 1.5  # grows as c6i.4xlarge nodes join
     gpu = plan_actors(SHAPES["GPU workers with 4 vCPUs"], None, None)
     assert gpu["actors"] == (1, 2) and gpu["num_gpus"] == 1 and gpu["threads"] is None
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -9,7 +15,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from raycap import cli, extract, schema, storage
+from raycap import extract, schema, storage
 from raycap.config import ExtractConfig
 from raycap.encoder import FeatureExtractor, resolve_weights
 from raycap.images import decode_image
@@ -25,23 +31,38 @@ def weights_file(tmp_path_factory):
     return path
 
 
-def test_imagenet_without_internet_fails_with_one_line_before_any_actor(
-    ray_session, tiny_synth, tmp_path, monkeypatch, capsys
-):
-    """The README's first command on a machine that cannot download: one line, nothing written, no actor."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing cached
-    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # a closed port: no download here, nor anywhere
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    actors_before = len(ray_session._private.state.actors())
-    code = cli.main(["extract", "--input", str(tiny_synth / "images"), "--output", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("raycap extract: error: could not download torchvision's ImageNet")
-    assert "--encoder-weights" in err[0]
+def test_imagenet_without_internet_fails_with_one_line_before_any_actor(tiny_synth, tmp_path):
+    """The README's first command, as typed, on a machine that cannot download: one line, nothing written."""
+    temp = tempfile.mkdtemp(prefix="rw", dir="/tmp")  # Ray's socket paths must stay short
+    closed = "http://127.0.0.1:9"  # a closed port: no download here, nor anywhere else
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "no_proxy", "NO_PROXY")}
+    env |= {"TORCH_HOME": str(tmp_path / "torch"), "RAY_TMPDIR": temp, "https_proxy": closed, "HTTPS_PROXY": closed}
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "raycap.cli",
+                "extract",
+                "--input",
+                str(tiny_synth / "images"),
+                "--output",
+                str(tmp_path / "out"),
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 2 and done.stdout == "", done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("raycap extract: error: could not download torchvision's ImageNet InceptionV3")
+    assert "--encoder-weights" in lines[0]
     assert not (tmp_path / "out").exists()
-    assert len(ray_session._private.state.actors()) == actors_before
 
 
 def test_weights_from_s3_reach_every_actor_through_the_object_store(
