@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,15 +19,16 @@ from raycap.modeldir import load_model_dir
 class CaptionModel(pipeline.ShardModel):
     """Actor: InceptionV3 and the captioner on one device; features never leave the actor."""
 
-    def __init__(self, model: str, beam_size: int, max_length: int, length_penalty: float, precision: str,
-                 batch_size: int | None, threads: int | None = None) -> None:
-        super().__init__(threads)
+    def __init__(
+        self, model: str, beam_size: int, max_length: int, length_penalty: float, precision: str, **stage: Any
+    ) -> None:
+        super().__init__(**stage)
         loaded = load_model_dir(model)
-        self.extractor = FeatureExtractor(loaded.config.get("encoder_weights", "imagenet"), precision=precision,
-                                          batch_size=batch_size or 16)
-        if batch_size is None and self.extractor.device.type == "cuda":
-            self.extractor.batch_size = 128
-        loaded.model.to(self.extractor.device)
+        self.extractor = FeatureExtractor(
+            loaded.config.get("encoder_weights", "imagenet"), precision=precision, batch_size=self.batch_size
+        )
+        self.device = self.extractor.device
+        loaded.model.to(self.device)
         self.model, self.vocab, self.model_id = loaded.model, loaded.vocab, loaded.model_id
         self.feature_dtype = getattr(torch, loaded.config.get("feature_dtype", "float16"))
         self.beam_size, self.max_length, self.length_penalty = beam_size, max_length, length_penalty
@@ -37,13 +39,21 @@ class CaptionModel(pipeline.ShardModel):
         for i in range(0, len(pixels), step):
             # Round through the stored feature dtype: the decoder sees what it saw in training.
             features = self.extractor(pixels[i : i + step]).to(self.feature_dtype).float()  # (b, 64, 2048)
-            autocast = (torch.autocast(self.extractor.device.type, dtype=torch.bfloat16)
-                        if self.extractor.precision == "bf16" and self.extractor.device.type == "cuda"
-                        else nullcontext())
+            autocast = (
+                torch.autocast(self.extractor.device.type, dtype=torch.bfloat16)
+                if self.extractor.precision == "bf16" and self.extractor.device.type == "cuda"
+                else nullcontext()
+            )
             with autocast:
-                gen = beam_search(self.model, features, self.vocab.start_id, self.vocab.end_id,
-                                  beam_size=self.beam_size, max_length=self.max_length,
-                                  length_penalty=self.length_penalty)
+                gen = beam_search(
+                    self.model,
+                    features,
+                    self.vocab.start_id,
+                    self.vocab.end_id,
+                    beam_size=self.beam_size,
+                    max_length=self.max_length,
+                    length_penalty=self.length_penalty,
+                )
             lengths = gen.lengths.tolist()
             ids = gen.tokens.cpu().numpy()
             att = gen.attention.to(torch.float16).cpu().numpy()  # (b, T, 64)
@@ -82,24 +92,27 @@ def run(config: CaptionConfig) -> dict:
     """Caption every image under `config.input` into `config.output`; returns the manifest."""
     config.validate()
     loaded = load_model_dir(config.model)  # fail here, with one line, not inside an actor
-    job = pipeline.ShardJob(
-        input=config.input,
-        output=config.output,
+    job = pipeline.ShardJob.from_config(
+        config,
         rows_dir=schema.CAPTIONS_DIR,
         model_cls=CaptionModel,
-        model_kwargs={"model": config.model, "beam_size": config.beam_size, "max_length": config.max_length,
-                      "length_penalty": config.length_penalty, "precision": config.precision,
-                      "batch_size": config.batch_size},
-        shard_size=config.shard_size,
-        max_pixels=config.max_pixels,
-        max_errors=config.max_errors,
-        actors=config.actors,
-        gpus_per_actor=config.gpus_per_actor,
+        model_kwargs={
+            "model": config.model,
+            "beam_size": config.beam_size,
+            "max_length": config.max_length,
+            "length_penalty": config.length_penalty,
+            "precision": config.precision,
+        },
         compression="zstd",
         row_bytes=(config.max_length + 1) * schema.NUM_REGIONS * 2 + 512,  # float16 attention + text
-        storage_options=config.storage_options,
-        manifest={"job": "caption", "model": config.model, "model_id": loaded.model_id,
-                  "encoder_weights": loaded.config.get("encoder_weights"), "beam_size": config.beam_size,
-                  "max_length": config.max_length, "precision": config.precision},
+        manifest={
+            "job": "caption",
+            "model": config.model,
+            "model_id": loaded.model_id,
+            "encoder_weights": loaded.config.get("encoder_weights"),
+            "beam_size": config.beam_size,
+            "max_length": config.max_length,
+            "precision": config.precision,
+        },
     )
     return pipeline.run(job)

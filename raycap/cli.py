@@ -35,6 +35,8 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per model forward (default 16 on CPU, 128 on GPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="model precision (auto: bf16 on GPUs and CPUs with native bf16)")
+    p.add_argument("--decode", default="auto", choices=["cpu", "device", "auto"],
+                   help="where JPEGs are decoded: CPU tasks, or the model's device (auto: device on GPUs)")
     p.add_argument("--actors", type=_actors, help="model actors: N or MIN:MAX (default: one per GPU, or by CPUs)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default 1 when GPUs exist)")
     p.add_argument("--max-errors", type=int, help="fail once more images than this are unreadable")
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return {"input": a.input, "output": a.output, "shard_size": a.shard_size, "batch_size": a.batch_size,
-            "precision": a.precision, "actors": a.actors, "gpus_per_actor": a.gpus_per_actor,
+            "precision": a.precision, "decode": a.decode, "actors": a.actors, "gpus_per_actor": a.gpus_per_actor,
             "max_errors": a.max_errors, "max_pixels": a.max_pixels,
             "storage_options": parse_storage_options(a.storage_options), "address": a.address}
 
