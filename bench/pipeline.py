@@ -1,0 +1,205 @@
+"""Benchmark: the shard pipeline's own cost, with a model stage that does no work, against decoding alone.
+
+The bench writes photo-sized JPEGs (640x480, plus a few 3000x2000), then runs `pipeline.run` with resources
+planned as on a GPU node: the model actor reserves no CPU, every core decodes. It prints, with the CPU's flags:
+
+- steady-state images/s per decoding core, against `images.decode_image` alone on one core (target >= 0.85),
+  and the same ratio in CPU seconds per image over every process of the local Ray cluster (which holds on a
+  machine shared with other work, where wall-clock rates do not);
+- the fixed cost before the first shard is committed, on a warm cluster (target < 5 s);
+- the bytes each image moves through the object store (pixels or file bytes in, feature rows out) and the
+  copies of its pixel and feature data along the way.
+
+Shard commit times come from the commit markers' modification times. `--decode device` runs the same
+pipeline with decoding inside the (CPU) model actor, to measure what moving file bytes instead of pixels costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+from PIL import Image
+
+from raycap import images, pipeline, schema
+
+# Pixel and feature copies per image on the path decode -> model -> write (see raycap/shards.py): Pillow's
+# decoded bytes -> the shard's pixel array (images.decode_image writes in place) -> the object store; the model
+# reads them in place. Features: model output -> Arrow column -> IPC buffer -> object store -> Parquet.
+PIXEL_COPIES = {"cpu": 2, "device": 0}
+FEATURE_COPIES = 3
+
+
+class ZeroModel(pipeline.ShardModel):
+    """The model stage without a model: zero features of the real size, so the rows cost what real ones do."""
+
+    def predict(self, pixels, meta: pa.Table) -> pa.Table:
+        features = np.zeros((len(meta), schema.NUM_REGIONS, schema.FEATURE_DIM), np.float16)
+        columns = [meta[schema.IMAGE_ID], meta[schema.PATH], schema.features_to_arrow(features), meta[schema.WIDTH],
+                   meta[schema.HEIGHT]]
+        return pa.table(columns, schema=schema.features_schema())
+
+
+class CpuMeter:
+    """CPU seconds used by this process and all its descendants (the local Ray cluster: GCS, raylet, workers),
+    sampled from /proc in a thread. Unlike wall time it holds on a machine shared with other work."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.root = interval, os.getpid()
+        self.seen: dict[int, float] = {}  # pid -> most CPU seconds seen (a process that exits keeps its last)
+        self.samples: list[tuple[float, float]] = []  # (time, CPU seconds of the tree, less this meter's own)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while True:
+            procs = {}
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                procs[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            tree, grown = {self.root}, True
+            while grown:
+                new = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
+                tree |= new
+                grown = bool(new)
+            for pid in tree & procs.keys():
+                self.seen[pid] = max(self.seen.get(pid, 0.0), procs[pid][1])
+            self.samples.append((time.time(), sum(self.seen.values()) - time.thread_time()))
+            if self._stop.wait(self.interval):
+                return
+
+    def between(self, start: float, end: float) -> float:
+        """CPU seconds used between two times (interpolated between samples)."""
+        times, cpu = zip(*self.samples)
+        return float(np.interp(end, times, cpu) - np.interp(start, times, cpu))
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx2", "avx512_bf16", "amx_bf16"))
+    return f"{name}, {os.cpu_count()} cores ({wanted})"
+
+
+def make_photos(folder: str, small: int, large: int, seed: int = 0) -> list[str]:
+    """Photo-like JPEGs (smooth gradients, texture and noise; quality 90): `small` 640x480, `large` 3000x2000."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (w, h) in enumerate([(640, 480)] * small + [(3000, 2000)] * large):
+        path = os.path.join(folder, f"photo-{i:05d}.jpg")
+        paths.append(path)
+        if os.path.exists(path):
+            continue
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
+        noise = rng.normal(0, 12, (h // 4, w // 4, 3))
+        detail = Image.fromarray(np.clip(noise + 128, 0, 255).astype(np.uint8)).resize((w, h))
+        Image.blend(img, detail, 0.3).save(path, "JPEG", quality=90)
+    return paths
+
+
+def decode_only(paths: list[str]) -> tuple[float, float]:
+    """images/s of images.decode_image alone on one core (files already in memory), and its CPU s per image."""
+    data = [open(p, "rb").read() for p in paths]
+    images.decode_image(data[0])
+    started, cpu = time.perf_counter(), time.process_time()
+    for d in data:
+        images.decode_image(d)
+    return len(data) / (time.perf_counter() - started), (time.process_time() - cpu) / len(data)
+
+
+def run_pipeline(folder: str, out: str, shard_size: int, decode: str) -> dict:
+    """One run; returns the fixed cost (start to first commit), steady images/s (first to last commit), manifest."""
+    shutil.rmtree(out, ignore_errors=True)
+    cores = int(ray.cluster_resources()["CPU"])
+    job = pipeline.ShardJob(input=folder, output=out, rows_dir=schema.FEATURES_DIR, model_cls=ZeroModel,
+                            model_kwargs={}, shard_size=shard_size, actors=(1, 1), gpus_per_actor=0, decode=decode,
+                            actor_cpus=0, decode_cpus=1, row_bytes=schema.NUM_REGIONS * schema.FEATURE_DIM * 2)
+    started = time.time()
+    with CpuMeter() as meter:
+        manifest = pipeline.run(job, progress=lambda _: None)
+    commits = []
+    for path in glob.glob(os.path.join(out, schema.SHARDS_DIR, "*.json")):
+        with open(path) as f:
+            commits.append((os.stat(path).st_mtime, json.load(f)["rows"]))
+    commits.sort()
+    steady_images = sum(rows for _, rows in commits[1:])
+    steady_seconds = commits[-1][0] - commits[0][0]
+    return {"fixed_s": commits[0][0] - started, "steady": steady_images / steady_seconds, "cores": cores,
+            "cpu_per_image": meter.between(commits[0][0], commits[-1][0]) / steady_images,
+            "manifest": manifest, "shards": len(commits)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=600, help="640x480 JPEGs")
+    parser.add_argument("--large", type=int, default=12, help="3000x2000 JPEGs")
+    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
+    parser.add_argument("--decode", default="cpu", choices=["cpu", "device", "both"])
+    parser.add_argument("--workdir", default="bench-output/pipeline")
+    args = parser.parse_args(argv)
+    folder = os.path.join(args.workdir, "photos")
+    paths = make_photos(folder, args.small, args.large)
+    print(f"CPU: {cpu_flags()}")
+    print(f"{len(paths)} JPEGs: {args.small} at 640x480, {args.large} at 3000x2000; shards of {args.shard_size}")
+    single, single_cpu = decode_only(paths)
+    print(f"decode_image alone, one core: {single:.1f} images/s, {single_cpu * 1e3:.2f} ms CPU per image")
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        out = os.path.join(args.workdir, "out")
+        run_pipeline(folder, out, args.shard_size, "cpu")  # warm-up: worker processes and imports
+        for decode in ("cpu", "device") if args.decode == "both" else (args.decode,):
+            r = run_pipeline(folder, out, args.shard_size, decode)
+            per_core = r["steady"] / r["cores"]
+            moved = "file bytes" if decode == "device" else "pixels"
+            in_bytes = (sum(os.path.getsize(p) for p in paths) / len(paths) if decode == "device"
+                        else 299 * 299 * 3)
+            print(f"[decode={decode}] {r['shards']} shards, whole run {r['manifest']['images_per_second']:.1f} "
+                  f"images/s; steady {r['steady']:.1f} images/s on {r['cores']} decoding cores = "
+                  f"{per_core:.1f} per core: ratio {per_core / single:.2f} of decode_image alone (target >= 0.85)")
+            print(f"[decode={decode}] CPU per image in the steady state, all of Ray's processes: "
+                  f"{r['cpu_per_image'] * 1e3:.2f} ms: ratio {single_cpu / r['cpu_per_image']:.2f} of decode_image "
+                  f"alone (the wall-clock ratio on an otherwise idle machine)")
+            print(f"[decode={decode}] fixed cost before the first shard is committed (warm cluster): "
+                  f"{r['fixed_s']:.2f} s (target < 5 s)")
+            print(f"[decode={decode}] per image through the object store: {in_bytes / 1e3:.0f} KB of {moved} in, "
+                  f"{schema.NUM_REGIONS * schema.FEATURE_DIM * 2 / 1e3:.0f} KB of features out; copies: "
+                  f"{PIXEL_COPIES[decode]} of pixels outside the decoder, {FEATURE_COPIES} of features")
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
