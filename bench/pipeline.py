@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import os
+import pathlib
 import shutil
 import sys
 import threading
@@ -32,6 +32,7 @@ import ray
 from PIL import Image
 
 from raycap import images, pipeline, schema
+from raycap.encoder import cpu_description
 
 # Pixel and feature copies per image on the path decode -> model -> write (see raycap/shards.py): Pillow's
 # decoded bytes -> the shard's pixel array (images.decode_image writes in place) -> the object store; the model
@@ -45,8 +46,13 @@ class ZeroModel(pipeline.ShardModel):
 
     def predict(self, pixels, meta: pa.Table) -> pa.Table:
         features = np.zeros((len(meta), schema.NUM_REGIONS, schema.FEATURE_DIM), np.float16)
-        columns = [meta[schema.IMAGE_ID], meta[schema.PATH], schema.features_to_arrow(features), meta[schema.WIDTH],
-                   meta[schema.HEIGHT]]
+        columns = [
+            meta[schema.IMAGE_ID],
+            meta[schema.PATH],
+            schema.features_to_arrow(features),
+            meta[schema.WIDTH],
+            meta[schema.HEIGHT],
+        ]
         return pa.table(columns, schema=schema.features_schema())
 
 
@@ -97,18 +103,6 @@ class CpuMeter:
         return float(np.interp(end, times, cpu) - np.interp(start, times, cpu))
 
 
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx2", "avx512_bf16", "amx_bf16"))
-    return f"{name}, {os.cpu_count()} cores ({wanted})"
-
-
 def make_photos(folder: str, small: int, large: int, seed: int = 0) -> list[str]:
     """Photo-like JPEGs (smooth gradients, texture and noise; quality 90): `small` 640x480, `large` 3000x2000."""
     os.makedirs(folder, exist_ok=True)
@@ -129,7 +123,7 @@ def make_photos(folder: str, small: int, large: int, seed: int = 0) -> list[str]
 
 def decode_only(paths: list[str]) -> tuple[float, float]:
     """images/s of images.decode_image alone on one core (files already in memory), and its CPU s per image."""
-    data = [open(p, "rb").read() for p in paths]
+    data = [pathlib.Path(p).read_bytes() for p in paths]
     images.decode_image(data[0])
     started, cpu = time.perf_counter(), time.process_time()
     for d in data:
@@ -141,9 +135,20 @@ def run_pipeline(folder: str, out: str, shard_size: int, decode: str) -> dict:
     """One run; returns the fixed cost (start to first commit), steady images/s (first to last commit), manifest."""
     shutil.rmtree(out, ignore_errors=True)
     cores = int(ray.cluster_resources()["CPU"])
-    job = pipeline.ShardJob(input=folder, output=out, rows_dir=schema.FEATURES_DIR, model_cls=ZeroModel,
-                            model_kwargs={}, shard_size=shard_size, actors=(1, 1), gpus_per_actor=0, decode=decode,
-                            actor_cpus=0, decode_cpus=1, row_bytes=schema.NUM_REGIONS * schema.FEATURE_DIM * 2)
+    job = pipeline.ShardJob(
+        input=folder,
+        output=out,
+        rows_dir=schema.FEATURES_DIR,
+        model_cls=ZeroModel,
+        model_kwargs={},
+        shard_size=shard_size,
+        actors=(1, 1),
+        gpus_per_actor=0,
+        decode=decode,
+        actor_cpus=0,
+        decode_cpus=1,
+        row_bytes=schema.NUM_REGIONS * schema.FEATURE_DIM * 2,
+    )
     started = time.time()
     with CpuMeter() as meter:
         manifest = pipeline.run(job, progress=lambda _: None)
@@ -154,9 +159,14 @@ def run_pipeline(folder: str, out: str, shard_size: int, decode: str) -> dict:
     commits.sort()
     steady_images = sum(rows for _, rows in commits[1:])
     steady_seconds = commits[-1][0] - commits[0][0]
-    return {"fixed_s": commits[0][0] - started, "steady": steady_images / steady_seconds, "cores": cores,
-            "cpu_per_image": meter.between(commits[0][0], commits[-1][0]) / steady_images,
-            "manifest": manifest, "shards": len(commits)}
+    return {
+        "fixed_s": commits[0][0] - started,
+        "steady": steady_images / steady_seconds,
+        "cores": cores,
+        "cpu_per_image": meter.between(commits[0][0], commits[-1][0]) / steady_images,
+        "manifest": manifest,
+        "shards": len(commits),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = os.path.join(args.workdir, "photos")
     paths = make_photos(folder, args.small, args.large)
-    print(f"CPU: {cpu_flags()}")
+    print(f"CPU: {cpu_description()}")
     print(f"{len(paths)} JPEGs: {args.small} at 640x480, {args.large} at 3000x2000; shards of {args.shard_size}")
     single, single_cpu = decode_only(paths)
     print(f"decode_image alone, one core: {single:.1f} images/s, {single_cpu * 1e3:.2f} ms CPU per image")
@@ -183,19 +193,26 @@ def main(argv: list[str] | None = None) -> int:
             r = run_pipeline(folder, out, args.shard_size, decode)
             per_core = r["steady"] / r["cores"]
             moved = "file bytes" if decode == "device" else "pixels"
-            in_bytes = (sum(os.path.getsize(p) for p in paths) / len(paths) if decode == "device"
-                        else 299 * 299 * 3)
-            print(f"[decode={decode}] {r['shards']} shards, whole run {r['manifest']['images_per_second']:.1f} "
-                  f"images/s; steady {r['steady']:.1f} images/s on {r['cores']} decoding cores = "
-                  f"{per_core:.1f} per core: ratio {per_core / single:.2f} of decode_image alone (target >= 0.85)")
-            print(f"[decode={decode}] CPU per image in the steady state, all of Ray's processes: "
-                  f"{r['cpu_per_image'] * 1e3:.2f} ms: ratio {single_cpu / r['cpu_per_image']:.2f} of decode_image "
-                  f"alone (the wall-clock ratio on an otherwise idle machine)")
-            print(f"[decode={decode}] fixed cost before the first shard is committed (warm cluster): "
-                  f"{r['fixed_s']:.2f} s (target < 5 s)")
-            print(f"[decode={decode}] per image through the object store: {in_bytes / 1e3:.0f} KB of {moved} in, "
-                  f"{schema.NUM_REGIONS * schema.FEATURE_DIM * 2 / 1e3:.0f} KB of features out; copies: "
-                  f"{PIXEL_COPIES[decode]} of pixels outside the decoder, {FEATURE_COPIES} of features")
+            in_bytes = sum(os.path.getsize(p) for p in paths) / len(paths) if decode == "device" else 299 * 299 * 3
+            print(
+                f"[decode={decode}] {r['shards']} shards, whole run {r['manifest']['images_per_second']:.1f} "
+                f"images/s; steady {r['steady']:.1f} images/s on {r['cores']} decoding cores = "
+                f"{per_core:.1f} per core: ratio {per_core / single:.2f} of decode_image alone (target >= 0.85)"
+            )
+            print(
+                f"[decode={decode}] CPU per image in the steady state, all of Ray's processes: "
+                f"{r['cpu_per_image'] * 1e3:.2f} ms: ratio {single_cpu / r['cpu_per_image']:.2f} of decode_image "
+                f"alone (the wall-clock ratio on an otherwise idle machine)"
+            )
+            print(
+                f"[decode={decode}] fixed cost before the first shard is committed (warm cluster): "
+                f"{r['fixed_s']:.2f} s (target < 5 s)"
+            )
+            print(
+                f"[decode={decode}] per image through the object store: {in_bytes / 1e3:.0f} KB of {moved} in, "
+                f"{schema.NUM_REGIONS * schema.FEATURE_DIM * 2 / 1e3:.0f} KB of features out; copies: "
+                f"{PIXEL_COPIES[decode]} of pixels outside the decoder, {FEATURE_COPIES} of features"
+            )
     finally:
         ray.shutdown()
     return 0

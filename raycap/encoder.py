@@ -41,6 +41,19 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
+def cpu_description() -> str:
+    """The CPU's model name, core count and the flags that decide bf16 speed, for benchmark reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return f"unknown CPU, {os.cpu_count()} cores"
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    wanted = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in ("avx2", "avx512_bf16", "amx_bf16"))
+    return f"{name}, {os.cpu_count()} cores ({wanted})"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> bf16 on CUDA or a CPU with native bf16, fp32 otherwise."""
     if precision not in ("auto", "fp32", "bf16"):
@@ -156,8 +169,10 @@ class FeatureExtractor:
         """(B, 299, 299, 3) uint8 -> (B, 64, 2048) float32 on this extractor's device."""
         outputs = []
         for i in range(0, len(pixels), self.batch_size):
-            chunk = torch.as_tensor(np.array(pixels[i : i + self.batch_size]))  # a small writable copy
-            chunk = chunk.to(self.device, non_blocking=True)  # uint8 over the bus
+            chunk = pixels[i : i + self.batch_size]
+            if not isinstance(chunk, torch.Tensor):  # a shard's pixels are read-only views: copy the small chunk
+                chunk = torch.from_numpy(np.array(chunk))
+            chunk = chunk.to(self.device, non_blocking=True)  # uint8 over the bus, unless decoded there
             x = preprocess(chunk).contiguous(memory_format=self.memory_format)
             with self._autocast():
                 y = self.trunk(x)  # (b, 2048, 8, 8)
