@@ -34,10 +34,13 @@ from PIL import Image
 from raycap import images, pipeline, schema
 from raycap.encoder import cpu_description
 
-# Pixel and feature copies per image on the path decode -> model -> write (see raycap/shards.py): Pillow's
-# decoded bytes -> the shard's pixel array (images.decode_image writes in place) -> the object store; the model
-# reads them in place. Features: model output -> Arrow column -> IPC buffer -> object store -> Parquet.
-PIXEL_COPIES = {"cpu": 2, "device": 0}
+# Copies of each image's data outside decoders and the model, counted along the code (raycap/shards.py packs
+# pixels and reads them in place). CPU decoding: Pillow's bytes -> numpy (images.decode_image) -> the shard's
+# pixel array -> the object store. Device decoding moves the (smaller) file bytes instead: fs.cat's bytes ->
+# the shard's IPC buffer -> the object store -> the tensor decode_jpeg reads. Features, both ways: model output
+# -> Arrow column (schema.features_to_arrow) -> IPC buffer -> the object store; then the Parquet writer.
+PIXEL_COPIES = {"cpu": 3, "device": 0}
+FILE_COPIES = {"cpu": 0, "device": 3}
 FEATURE_COPIES = 3
 
 

@@ -154,10 +154,10 @@ class FeatureExtractor:
         trunk = _inception_trunk(weights)
         if weights == "random":
             _calibrate_random(trunk)
-        # Fold each BatchNorm into its convolution (exact in eval mode; ~13% faster on CPU).
+        # Fold each BatchNorm into its convolution: exact in eval mode, and one pass less over each activation.
         trunk = fuse(trunk.eval()).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.trunk = trunk.to(memory_format=self.memory_format)  # channels_last: ~1.6x on CPU here
+        self.trunk = trunk.to(memory_format=self.memory_format)  # channels_last: oneDNN's and cuDNN's fast layout
 
     def _autocast(self):
         if self.precision == "bf16":

@@ -37,7 +37,7 @@ class ShardJob:
     model_kwargs: dict[str, Any]
     shard_size: int | None = None  # images per shard (the unit of retry, resume and output file); None: auto
     batch_size: int | None = None  # images per model forward; None: CPU_BATCH or GPU_BATCH by the actor's device
-    decode: str = "cpu"  # cpu | device | auto: where JPEGs are decoded (auto: on the actor's device if it is a GPU)
+    decode: str = "auto"  # cpu | device | auto: where JPEGs are decoded (auto: on the actor's device if a GPU)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
     max_errors: int | None = None  # stop once more images than this have failed (None: never)
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
@@ -66,7 +66,8 @@ class ShardModel:
     """Base of the model stage: a callable class that maps decoded shards to output rows.
 
     Subclasses load their model in `__init__` (setting `device`) and implement `predict(pixels, meta) ->
-    pa.Table` for (N, 299, 299, 3) uint8 pixels and the N images' (image_id, path, width, height).
+    pa.Table` for (N, 299, 299, 3) uint8 pixels (a read-only array, or a tensor on `device` when the shard
+    was decoded there) and the N images' (image_id, path, width, height).
     """
 
     device: Any = "cpu"  # where predict runs; encoded shards are decoded there
@@ -188,8 +189,8 @@ def plan_resources(job: ShardJob) -> dict[str, Any]:
         # Two shards in flight per GPU actor: the next one is fetched while this one runs.
         return {"actors": actors, "num_gpus": gpus_per_actor, "actor_cpus": 1, "threads": None, "decode_cpus": 1,
                 "in_flight": 2}
-    # CPU only: single-threaded actors use the cores better than one multi-threaded actor (measured here:
-    # 2 x 1 thread = 11.8 images/s, 1 x 2 threads = 9.9), up to 8 threads per actor on large nodes. Each
+    # CPU only: single-threaded actors use the cores better than one multi-threaded actor (figures in
+    # docs/operations.md, "Pipeline throughput"), up to 8 threads per actor on large nodes. Each
     # actor reserves 3/4 of its CPUs so decode tasks (~5% of the model's CPU time) always find room.
     threads = max(1, cpus // 8)
     n = job.actors[1] if job.actors else max(1, cpus // threads)
