@@ -123,3 +123,32 @@ def test_job_takes_the_shared_settings_from_its_config():
         job.max_pixels,
         job.storage_options,
     ) == ("in", "out", 9, 3, "device", (1, 2), 4, 99, {"anon": True})
+
+
+def test_real_model_stages_take_the_wire_format_with_cpu_or_device_decoding(folder, tmp_path):
+    """extract's FeatureModel and caption's CaptionModel, built as the pipeline builds them (no Ray)."""
+    import torch
+
+    from raycap.caption import CaptionModel
+    from raycap.extract import FeatureModel
+    from raycap.model import Captioner, ModelConfig
+    from raycap.modeldir import write_model_dir
+    from raycap.text import Vocabulary
+
+    vocab = Vocabulary.build(["a red circle", "a blue square"])
+    torch.manual_seed(0)
+    write_model_dir(str(tmp_path / "model"), Captioner(ModelConfig(vocab_size=len(vocab))).eval(), vocab,
+                    {"encoder_weights": "random", "feature_dtype": "float16"})  # fmt: skip
+    stage = {"batch_size": 2, "threads": None, "max_pixels": 10_000}
+    features = FeatureModel(weights="random", precision="fp32", feature_dtype="float16", **stage)
+    captions = CaptionModel(model=str(tmp_path / "model"), beam_size=2, max_length=4, length_penalty=1.0,
+                            precision="fp32", **stage)  # fmt: skip
+    captions.extractor = features.extractor  # the same random encoder: build InceptionV3 once
+    batch = PLAN.slice(0, 1)  # a.jpg, bad.jpg, c.png
+    for decode in ("cpu", "device"):
+        decoded = pipeline.decode_shards(batch, str(folder), {}, max_pixels=10_000, decode=decode)
+        (rows,) = shards.unpack(features(decoded))
+        assert rows.rows[schema.IMAGE_ID].to_pylist() == ["a.jpg", "c.png"] and len(rows.errors) == 1
+        assert schema.features_to_numpy(rows.rows[schema.FEATURES]).shape == (2, 64, 2048)
+        (rows,) = shards.unpack(captions(decoded))
+        assert rows.rows.schema.equals(schema.CAPTIONS_SCHEMA) and rows.rows.num_rows == 2
