@@ -38,10 +38,11 @@ from raycap.encoder import cpu_description
 # pixels and reads them in place). CPU decoding: Pillow's bytes -> numpy (images.decode_image) -> the shard's
 # pixel array -> the object store. Device decoding moves the (smaller) file bytes instead: fs.cat's bytes ->
 # the shard's IPC buffer -> the object store -> the tensor decode_jpeg reads. Features, both ways: model output
-# -> Arrow column (schema.features_to_arrow) -> IPC buffer -> the object store; then the Parquet writer.
+# -> Arrow column over the same memory (schema.features_to_arrow) -> IPC buffer -> the object store; then the
+# Parquet writer.
 PIXEL_COPIES = {"cpu": 3, "device": 0}
 FILE_COPIES = {"cpu": 0, "device": 3}
-FEATURE_COPIES = 3
+FEATURE_COPIES = 2
 
 
 class ZeroModel(pipeline.ShardModel):
@@ -59,8 +60,9 @@ class ZeroModel(pipeline.ShardModel):
         return pa.table(columns, schema=schema.features_schema())
 
 
-def make_photos(folder: str, small: int, large: int, seed: int = 0) -> list[str]:
-    """Photo-like JPEGs (smooth gradients, texture and noise; quality 90): `small` 640x480, `large` 3000x2000."""
+def make_photos(folder: str, small: int, large: int, repeat: int, seed: int = 0) -> list[str]:
+    """Photo-like JPEGs (smooth gradients, texture and noise; quality 90): `small` 640x480, `large` 3000x2000,
+    each also under `repeat - 1` more names (hard links: as many files to decode, for the price of one)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
@@ -74,6 +76,12 @@ def make_photos(folder: str, small: int, large: int, seed: int = 0) -> list[str]
         noise = rng.normal(0, 12, (h // 4, w // 4, 3))
         detail = Image.fromarray(np.clip(noise + 128, 0, 255).astype(np.uint8)).resize((w, h))
         Image.blend(img, detail, 0.3).save(path, "JPEG", quality=90)
+    for k in range(1, repeat):
+        for path in paths[: small + large]:
+            alias = os.path.join(folder, f"r{k}-{os.path.basename(path)}")
+            if not os.path.exists(alias):
+                os.link(path, alias)
+            paths.append(alias)
     return paths
 
 
@@ -127,17 +135,21 @@ def run_pipeline(folder: str, out: str, shard_size: int, decode: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", type=int, default=600, help="640x480 JPEGs")
-    parser.add_argument("--large", type=int, default=12, help="3000x2000 JPEGs")
-    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--small", type=int, default=400, help="640x480 JPEGs")
+    parser.add_argument("--large", type=int, default=8, help="3000x2000 JPEGs")
+    parser.add_argument("--repeat", type=int, default=5, help="files per distinct image (a longer steady state)")
+    parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
     parser.add_argument("--decode", default="cpu", choices=["cpu", "device", "both"])
     parser.add_argument("--workdir", default="bench-output/pipeline")
     args = parser.parse_args(argv)
     folder = os.path.join(args.workdir, "photos")
-    paths = make_photos(folder, args.small, args.large)
+    paths = make_photos(folder, args.small, args.large, args.repeat)
     print(f"CPU: {cpu_description()}")
-    print(f"{len(paths)} JPEGs: {args.small} at 640x480, {args.large} at 3000x2000; shards of {args.shard_size}")
+    print(
+        f"{len(paths)} JPEGs: {args.small} at 640x480 and {args.large} at 3000x2000, each {args.repeat} times; "
+        f"shards of {args.shard_size}"
+    )
     single, single_cpu = decode_only(paths)
     print(f"decode_image alone, one core: {single:.1f} images/s, {single_cpu * 1e3:.2f} ms CPU per image")
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
