@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,16 +20,22 @@ from raycap.modeldir import load_model_dir
 class CaptionModel(pipeline.ShardModel):
     """Actor: InceptionV3 and the captioner on one device; features never leave the actor."""
 
-    def __init__(self, model: str, weights: ray.ObjectRef, beam_size: int, max_length: int, length_penalty: float,
-                 precision: str, batch_size: int | None, threads: int | None = None,
-                 storage_options: dict | None = None) -> None:
-        super().__init__(threads)
+    def __init__(
+        self,
+        model: str,
+        weights: ray.ObjectRef,
+        beam_size: int,
+        max_length: int,
+        length_penalty: float,
+        precision: str,
+        storage_options: dict | None = None,
+        **stage: Any,
+    ) -> None:
+        super().__init__(**stage)
         loaded = load_model_dir(model, storage_options)  # from its URI, once per actor
-        self.extractor = FeatureExtractor(ray.get(weights), precision=precision,
-                                          batch_size=batch_size or 16)
-        if batch_size is None and self.extractor.device.type == "cuda":
-            self.extractor.batch_size = 128
-        loaded.model.to(self.extractor.device)
+        self.extractor = FeatureExtractor(ray.get(weights), precision=precision, batch_size=self.batch_size)
+        self.device = self.extractor.device
+        loaded.model.to(self.device)
         self.model, self.vocab, self.model_id = loaded.model, loaded.vocab, loaded.model_id
         self.feature_dtype = getattr(torch, loaded.config.get("feature_dtype", "float16"))
         self.beam_size, self.max_length, self.length_penalty = beam_size, max_length, length_penalty
@@ -39,13 +46,21 @@ class CaptionModel(pipeline.ShardModel):
         for i in range(0, len(pixels), step):
             # Round through the stored feature dtype: the decoder sees what it saw in training.
             features = self.extractor(pixels[i : i + step]).to(self.feature_dtype).float()  # (b, 64, 2048)
-            autocast = (torch.autocast(self.extractor.device.type, dtype=torch.bfloat16)
-                        if self.extractor.precision == "bf16" and self.extractor.device.type == "cuda"
-                        else nullcontext())
+            autocast = (
+                torch.autocast(self.extractor.device.type, dtype=torch.bfloat16)
+                if self.extractor.precision == "bf16" and self.extractor.device.type == "cuda"
+                else nullcontext()
+            )
             with autocast:
-                gen = beam_search(self.model, features, self.vocab.start_id, self.vocab.end_id,
-                                  beam_size=self.beam_size, max_length=self.max_length,
-                                  length_penalty=self.length_penalty)
+                gen = beam_search(
+                    self.model,
+                    features,
+                    self.vocab.start_id,
+                    self.vocab.end_id,
+                    beam_size=self.beam_size,
+                    max_length=self.max_length,
+                    length_penalty=self.length_penalty,
+                )
             lengths = gen.lengths.tolist()
             ids = gen.tokens.cpu().numpy()
             att = gen.attention.to(torch.float16).cpu().numpy()  # (b, T, 64)
@@ -86,25 +101,29 @@ def run(config: CaptionConfig) -> dict:
     loaded = load_model_dir(config.model, config.storage_options)  # fail here, with one line, not inside an actor
     # The encoder the model was trained on, resolved once here and shared with every actor.
     weights = ray.put(resolve_weights(loaded.config.get("encoder_weights", "imagenet"), config.storage_options))
-    job = pipeline.ShardJob(
-        input=config.input,
-        output=config.output,
+    job = pipeline.ShardJob.from_config(
+        config,
         rows_dir=schema.CAPTIONS_DIR,
         model_cls=CaptionModel,
-        model_kwargs={"model": config.model, "weights": weights, "beam_size": config.beam_size,
-                      "max_length": config.max_length, "length_penalty": config.length_penalty,
-                      "precision": config.precision, "batch_size": config.batch_size,
-                      "storage_options": config.storage_options},
-        shard_size=config.shard_size,
-        max_pixels=config.max_pixels,
-        max_errors=config.max_errors,
-        actors=config.actors,
-        gpus_per_actor=config.gpus_per_actor,
+        model_kwargs={
+            "model": config.model,
+            "weights": weights,
+            "beam_size": config.beam_size,
+            "max_length": config.max_length,
+            "length_penalty": config.length_penalty,
+            "precision": config.precision,
+            "storage_options": config.storage_options,
+        },
         compression="zstd",
         row_bytes=(config.max_length + 1) * schema.NUM_REGIONS * 2 + 512,  # float16 attention + text
-        storage_options=config.storage_options,
-        manifest={"job": "caption", "model": config.model, "model_id": loaded.model_id,
-                  "encoder_weights": loaded.config.get("encoder_weights"), "beam_size": config.beam_size,
-                  "max_length": config.max_length, "precision": config.precision},
+        manifest={
+            "job": "caption",
+            "model": config.model,
+            "model_id": loaded.model_id,
+            "encoder_weights": loaded.config.get("encoder_weights"),
+            "beam_size": config.beam_size,
+            "max_length": config.max_length,
+            "precision": config.precision,
+        },
     )
     return pipeline.run(job)

@@ -81,6 +81,12 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16"],
         help="model precision (auto: bf16 on GPUs and CPUs with native bf16)",
     )
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=["cpu", "device", "auto"],
+        help="where JPEGs are decoded: CPU tasks, or the model's device (auto: device on GPUs)",
+    )
     p.add_argument("--actors", type=_actors, help="model actors: N or MIN:MAX (default: one per GPU, or by CPUs)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default 1 when GPUs exist)")
     p.add_argument("--max-errors", type=int, help="fail once more images than this are unreadable")
@@ -170,6 +176,7 @@ def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         "shard_size": a.shard_size,
         "batch_size": a.batch_size,
         "precision": a.precision,
+        "decode": a.decode,
         "actors": a.actors,
         "gpus_per_actor": a.gpus_per_actor,
         "max_errors": a.max_errors,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import ray
@@ -15,19 +17,22 @@ from raycap.encoder import FeatureExtractor, resolve_precision, resolve_weights
 class FeatureModel(pipeline.ShardModel):
     """Actor: holds InceptionV3 on its device; decoded uint8 shards in, feature rows out."""
 
-    def __init__(self, weights: ray.ObjectRef, precision: str, batch_size: int | None, feature_dtype: str,
-                 threads: int | None = None) -> None:
-        super().__init__(threads)
-        self.extractor = FeatureExtractor(ray.get(weights), precision=precision, batch_size=batch_size or 16)
-        if batch_size is None and self.extractor.device.type == "cuda":
-            self.extractor.batch_size = 128
+    def __init__(self, weights: ray.ObjectRef, precision: str, feature_dtype: str, **stage: Any) -> None:
+        super().__init__(**stage)
+        self.extractor = FeatureExtractor(ray.get(weights), precision=precision, batch_size=self.batch_size)
+        self.device = self.extractor.device
         self.feature_dtype = feature_dtype
 
     def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
         features = self.extractor(pixels).to(getattr(torch, self.feature_dtype)).cpu().numpy()  # (N, 64, 2048)
         return pa.table(
-            [meta[schema.IMAGE_ID], meta[schema.PATH], schema.features_to_arrow(features, self.feature_dtype),
-             meta[schema.WIDTH], meta[schema.HEIGHT]],
+            [
+                meta[schema.IMAGE_ID],
+                meta[schema.PATH],
+                schema.features_to_arrow(features, self.feature_dtype),
+                meta[schema.WIDTH],
+                meta[schema.HEIGHT],
+            ],
             schema=schema.features_schema(self.feature_dtype),
         )
 
@@ -37,24 +42,24 @@ def run(config: ExtractConfig) -> dict:
     config.validate()
     # Resolved here, once, before any actor starts: a failed download or unreadable file is one line.
     weights = ray.put(resolve_weights(config.encoder_weights, config.storage_options))
-    job = pipeline.ShardJob(
-        input=config.input,
-        output=config.output,
+    job = pipeline.ShardJob.from_config(
+        config,
         rows_dir=schema.FEATURES_DIR,
         model_cls=FeatureModel,
-        model_kwargs={"weights": weights, "precision": config.precision,
-                      "batch_size": config.batch_size, "feature_dtype": config.feature_dtype},
-        shard_size=config.shard_size,
-        max_pixels=config.max_pixels,
-        max_errors=config.max_errors,
-        actors=config.actors,
-        gpus_per_actor=config.gpus_per_actor,
+        model_kwargs={
+            "weights": weights,
+            "precision": config.precision,
+            "feature_dtype": config.feature_dtype,
+        },
         compression=config.compression,
         row_bytes=schema.NUM_REGIONS * schema.FEATURE_DIM * np.dtype(config.feature_dtype).itemsize,
-        storage_options=config.storage_options,
-        manifest={"job": "extract", "encoder_weights": config.encoder_weights, "feature_dtype": config.feature_dtype,
-                  "precision": config.precision,
-                  "precision_on_cpu": resolve_precision(config.precision, torch.device("cpu")),
-                  "preprocessing": "resize 299x299 bilinear, pixels/127.5 - 1"},
+        manifest={
+            "job": "extract",
+            "encoder_weights": config.encoder_weights,
+            "feature_dtype": config.feature_dtype,
+            "precision": config.precision,
+            "precision_on_cpu": resolve_precision(config.precision, torch.device("cpu")),
+            "preprocessing": "resize 299x299 bilinear, pixels/127.5 - 1",
+        },
     )
     return pipeline.run(job)

@@ -21,32 +21,14 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raycap import resources, schema, storage
+from raycap import resources, schema, shards, storage
+from raycap.config import PipelineConfig
 from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-
-_META_SCHEMA = pa.schema([
-    (schema.IMAGE_ID, pa.string()), (schema.PATH, pa.string()), (schema.WIDTH, pa.int32()), (schema.HEIGHT, pa.int32())
-])
-
-
-def to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-
-def error_table(paths: list[str], stages: list[str], errors: list[str]) -> pa.Table:
-    return pa.table([paths, stages, errors], schema=schema.ERRORS_SCHEMA)
 
 
 @dataclass
 class ShardJob:
-    """What one run of the sharded pipeline needs; built by extract.py or caption.py."""
+    """What one run of the sharded pipeline needs; built from a job's config by `ShardJob.from_config`."""
 
     input: str  # folder or s3:// prefix of images
     output: str  # output root
@@ -54,105 +36,125 @@ class ShardJob:
     model_cls: type  # a ShardModel subclass, built once per actor
     model_kwargs: dict[str, Any]
     shard_size: int | None = None  # images per shard (the unit of retry, resume and output file); None: auto
+    batch_size: int | None = None  # images per model forward; None: CPU_BATCH or GPU_BATCH by the actor's device
+    decode: str = "auto"  # cpu | device | auto: where JPEGs are decoded (auto: on the actor's device if a GPU)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
     max_errors: int | None = None  # stop once more images than this have failed (None: never)
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    actor_cpus: float | None = None  # CPUs reserved per model actor; None: plan_resources decides
+    decode_cpus: float | None = None  # CPUs reserved per decode task; None: plan_resources decides
     compression: str = "none"  # Parquet compression of the output rows
     row_bytes: int = 0  # size of one output row, for the in-flight working-set estimate
     storage_options: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
 
+    @classmethod
+    def from_config(cls, config: PipelineConfig, **job: Any) -> ShardJob:
+        """The settings every pipeline shares come from `config`; `job` gives the rest (rows_dir, model, ...)."""
+        shared = {name: getattr(config, name) for name in _SHARED_SETTINGS}
+        return cls(**shared, **job)
+
+
+_SHARED_SETTINGS = ("input", "output", "shard_size", "batch_size", "decode", "max_pixels", "max_errors", "actors",
+                    "gpus_per_actor", "storage_options")
+CPU_BATCH = 16  # images per forward on a CPU: larger batches gain nothing there and hold more memory
+GPU_BATCH = 128  # images per forward on a GPU: enough to keep it busy in bf16
+
 
 class ShardModel:
     """Base of the model stage: a callable class that maps decoded shards to output rows.
 
-    Subclasses load their model in `__init__` and implement `predict(pixels, meta) -> pa.Table` for
-    (N, 299, 299, 3) uint8 pixels and the N images' (image_id, path, width, height).
+    Subclasses load their model in `__init__` (setting `device`) and implement `predict(pixels, meta) ->
+    pa.Table` for (N, 299, 299, 3) uint8 pixels (a read-only array, or a tensor on `device` when the shard
+    was decoded there) and the N images' (image_id, path, width, height).
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    device: Any = "cpu"  # where predict runs; encoded shards are decoded there
+
+    def __init__(self, batch_size: int = CPU_BATCH, threads: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if threads:
             import torch
 
             torch.set_num_threads(threads)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
 
     def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
-        for row in batch.to_pylist():
-            meta = from_ipc(row["meta"])
-            pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(len(meta), *_PIXEL_SHAPE)
-            rows = self.predict(pixels, meta) if len(meta) else None
-            out.append({"shard": row["shard"], "rows": to_ipc(rows) if rows is not None else b"",
-                        "errors": row["errors"]})
-        return pa.Table.from_pylist(out)
+        for shard in shards.unpack(batch):
+            if shard.encoded:
+                shard = self.decode(shard)
+            rows = self.predict(shard.pixels, shard.meta) if len(shard.meta) else None
+            out.append(shards.Shard(shard.shard, shard.meta.slice(0, 0), shard.errors, rows=rows))
+        return shards.pack(out)
+
+    def decode(self, shard: shards.Shard) -> shards.Shard:
+        """Decode a shard's file bytes on this actor's device (CPU fallback per image)."""
+        from raycap import devdecode
+
+        return devdecode.decode_shard(shard, self.device, self.max_pixels)
 
 
-_PIXEL_SHAPE = (schema.IMAGE_SIZE, schema.IMAGE_SIZE, 3)
-
-
-def decode_shards(batch: pa.Table, input_root: str, storage_options: dict, max_pixels: int) -> pa.Table:
-    """CPU task: read and decode every file of each shard; a file that fails becomes an error row."""
+def decode_shards(batch: pa.Table, input_root: str, storage_options: dict, max_pixels: int,
+                  decode: str = "cpu") -> pa.Table:
+    """CPU task: read every file of each shard and decode it (decode="cpu") or pass its bytes on to the model
+    (decode="device"); a file that fails becomes an error row."""
     fs, root = storage.filesystem(input_root, storage_options)
     out = []
-    for row in batch.to_pylist():
-        ids = row["image_ids"]
+    for shard, ids in zip(batch.column("shard").to_pylist(), batch.column("image_ids").to_pylist()):
         paths = [storage.join(root, i) for i in ids]
         contents = fs.cat(paths, on_error="return") if paths else {}
-        pixels = np.empty((len(ids), *_PIXEL_SHAPE), dtype=np.uint8)
-        meta: dict[str, list] = {c: [] for c in _META_SCHEMA.names}
+        pixels = np.empty((len(ids), *shards.PIXEL_SHAPE), dtype=np.uint8) if decode == "cpu" else None
+        meta: dict[str, list] = {c: [] for c in (*shards.META_SCHEMA.names, shards.DATA)}
         errors: tuple[list, list, list] = ([], [], [])
         for image_id, path in zip(ids, paths):
             display = storage.uri(fs, path)
             data = contents.get(path)
             if isinstance(data, BaseException) or data is None:
                 reason = "missing" if data is None else f"{type(data).__name__}: {data}"
-                _append_error(errors, display, "read", reason)
+                shards.append_error(errors, display, "read", reason)
                 continue
-            try:
-                decoded = decode_image(data, max_pixels=max_pixels)
-            except ImageError as e:
-                _append_error(errors, display, e.stage, str(e))
-                continue
-            pixels[len(meta[schema.IMAGE_ID])] = decoded.pixels
-            for key, value in zip(_META_SCHEMA.names, (image_id, display, decoded.width, decoded.height)):
+            size = (None, None)
+            if pixels is not None:
+                try:
+                    decoded = decode_image(data, max_pixels=max_pixels)
+                except ImageError as e:
+                    shards.append_error(errors, display, e.stage, str(e))
+                    continue
+                pixels[len(meta[schema.IMAGE_ID])] = decoded.pixels
+                size = (decoded.width, decoded.height)
+            for key, value in zip(meta, (image_id, display, *size, data)):
                 meta[key].append(value)
         n = len(meta[schema.IMAGE_ID])
-        out.append({
-            "shard": row["shard"],
-            "pixels": pixels[:n].tobytes(),
-            "meta": to_ipc(pa.table(meta, schema=_META_SCHEMA)),
-            "errors": to_ipc(error_table(*errors)),
-        })
-    return pa.Table.from_pylist(out)
-
-
-def _append_error(errors: tuple[list, list, list], path: str, stage: str, message: str) -> None:
-    errors[0].append(path)
-    errors[1].append(stage)
-    errors[2].append(" ".join(message.split())[:500])
+        if pixels is not None:
+            del meta[shards.DATA]
+        table = pa.table(meta, schema=shards.META_SCHEMA if pixels is not None
+                         else shards.META_SCHEMA.append(pa.field(shards.DATA, pa.large_binary())))
+        out.append(shards.Shard(shard, table, shards.error_table(*errors),
+                                pixels=pixels[:n] if pixels is not None else None))
+    return shards.pack(out)
 
 
 def write_shards(batch: pa.Table, output: str, rows_dir: str, storage_options: dict, compression: str) -> pa.Table:
     """CPU task: write each shard's rows and errors atomically, then its commit marker (last)."""
     fs, root = storage.filesystem(output, storage_options)
     out = []
-    for row in batch.to_pylist():
-        name = storage.shard_name(row["shard"])
-        rows = from_ipc(row["rows"]) if row["rows"] else None
-        errors = from_ipc(row["errors"])
+    for shard in shards.unpack(batch):
+        name = storage.shard_name(shard.shard)
+        rows = shard.rows.num_rows if shard.rows is not None else 0
         written = 0
-        if rows is not None and len(rows):
-            path = storage.join(root, rows_dir, f"{name}.parquet")
-            written += storage.write_parquet_atomic(fs, path, rows, compression)
-        if len(errors):
+        if rows:
+            written += storage.write_parquet_atomic(fs, storage.join(root, rows_dir, f"{name}.parquet"), shard.rows,
+                                                    compression)
+        if len(shard.errors):
             written += storage.write_parquet_atomic(fs, storage.join(root, schema.ERRORS_DIR, f"{name}.parquet"),
-                                                    errors, "zstd")
-        marker = {"shard": row["shard"], "rows": len(rows) if rows is not None else 0, "errors": len(errors),
-                  "bytes": written}
+                                                    shard.errors, "zstd")
+        marker = {"shard": shard.shard, "rows": rows, "errors": len(shard.errors), "bytes": written}
         storage.write_json_atomic(fs, storage.join(root, schema.SHARDS_DIR, f"{name}.json"), marker)
         out.append(marker)
     return pa.Table.from_pylist(out)
@@ -172,7 +174,7 @@ def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
     """The run's expected object-store working set: per actor the shard it works on and one queued, plus a
     few decoded or finished shards in between. Recorded in the manifest; the hard bound is Ray Data's own
     executor budget (half the object store), which bench/memory.py checks with this estimate."""
-    pixel_bytes = int(np.prod(_PIXEL_SHAPE))
+    pixel_bytes = int(np.prod(shards.PIXEL_SHAPE))
     return (2 * actors + 4) * shard_size * (pixel_bytes + row_bytes)
 
 
@@ -186,6 +188,21 @@ def plan_resources(job: ShardJob) -> dict[str, Any]:
     return {**res, "in_flight": 2 if res["num_gpus"] else 1}
 
 
+def settle_resources(job: ShardJob, planned: dict[str, Any]) -> dict[str, Any]:
+    """What the job itself fixes on top of `plan_resources`: explicit CPU reservations, the batch size and where
+    images are decoded, the last two by the actor's device."""
+    gpu = planned["num_gpus"] > 0
+    if job.decode not in ("cpu", "device", "auto"):
+        raise ValueError(f"--decode must be cpu, device or auto, got {job.decode!r}")
+    settled = {"batch_size": job.batch_size or (GPU_BATCH if gpu else CPU_BATCH),
+               "decode": "device" if job.decode == "device" or (job.decode == "auto" and gpu) else "cpu"}
+    if job.actor_cpus is not None:
+        settled["actor_cpus"] = job.actor_cpus
+    if job.decode_cpus is not None:
+        settled["decode_cpus"] = job.decode_cpus
+    return settled
+
+
 def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) a sharded job to completion and write its manifest; returns the manifest."""
     started = time.time()
@@ -197,6 +214,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
     if listing is not None and not listing:
         raise ValueError(f"no files under {input_uri}")
     res = plan_resources(job)
+    res |= settle_resources(job, res)
     shards = storage.load_or_create_plan(out_fs, out_root, input_uri, listing,
                                          job.shard_size or auto_shard_size(len(listing or ()), res["actors"][1]))
     shard_size = max(len(s) for s in shards)  # the plan's, on a rerun
@@ -211,10 +229,11 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(decode_shards, batch_size=1, batch_format="pyarrow", num_cpus=res["decode_cpus"],
                             fn_kwargs={"input_root": job.input, "storage_options": job.storage_options,
-                                       "max_pixels": job.max_pixels})
+                                       "max_pixels": job.max_pixels, "decode": res["decode"]})
         min_actors, max_actors = res["actors"]
         ds = ds.map_batches(job.model_cls, batch_size=1, batch_format="pyarrow",
-                            fn_constructor_kwargs={**job.model_kwargs, "threads": res["threads"]},
+                            fn_constructor_kwargs={**job.model_kwargs, "threads": res["threads"],
+                                                   "batch_size": res["batch_size"], "max_pixels": job.max_pixels},
                             compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
                                                                max_tasks_in_flight_per_actor=res["in_flight"]),
                             num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"])

@@ -102,7 +102,8 @@ def features_to_numpy(column: pa.Array | pa.ChunkedArray | list[bytes], dtype: s
 
 
 def features_to_arrow(features: np.ndarray, dtype: str = "float16") -> pa.FixedSizeBinaryArray:
-    """Store an ``(N, 64, 2048)`` array as a fixed-size binary column (one copy into Arrow memory)."""
+    """Store an ``(N, 64, 2048)`` array as a fixed-size binary column over the array's own memory (no copy
+    when it is already contiguous in `dtype`; the column keeps the array alive)."""
     arr = np.ascontiguousarray(features.astype(dtype, copy=False)).reshape(len(features), -1)
-    buf = pa.py_buffer(arr.view(np.uint8).tobytes())
+    buf = pa.py_buffer(arr.view(np.uint8))
     return pa.FixedSizeBinaryArray.from_buffers(feature_type(dtype), len(arr), [None, buf])

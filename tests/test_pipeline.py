@@ -1,0 +1,154 @@
+"""The pipeline's stages and wire format on plain Arrow tables, without Ray: decode -> model -> write."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raycap import pipeline, schema, shards
+
+
+class MeanModel(pipeline.ShardModel):
+    """A model stage without a model: one row per image with its mean pixel value."""
+
+    def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
+        means = np.asarray(pixels).reshape(len(pixels), -1).mean(axis=1)  # a tensor after device decoding
+        return pa.table({schema.IMAGE_ID: meta[schema.IMAGE_ID], "mean": means, schema.WIDTH: meta[schema.WIDTH]})
+
+
+def _jpeg(width: int, height: int, value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (value, value, value)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    (root / "a.jpg").write_bytes(_jpeg(64, 48, 200))
+    (root / "b.jpg").write_bytes(_jpeg(30, 40, 10))
+    png = io.BytesIO()
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(png, "PNG")  # transparent: white after compositing
+    (root / "c.png").write_bytes(png.getvalue())
+    (root / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "notes.txt").write_bytes(b"hello")
+    return root
+
+
+PLAN = pa.table(
+    {"shard": [0, 1, 2], "image_ids": [["a.jpg", "bad.jpg", "c.png"], ["b.jpg", "gone.jpg"], ["notes.txt"]]}
+)
+
+
+def _run_stages(folder, out, decode: str) -> pa.Table:
+    decoded = pipeline.decode_shards(PLAN, str(folder), {}, max_pixels=10_000, decode=decode)
+    predicted = MeanModel()(decoded)
+    return pipeline.write_shards(predicted, str(out), "rows", {}, "none")
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(folder, tmp_path, decode):
+    markers = _run_stages(folder, tmp_path, decode).to_pylist()
+    assert [(m["shard"], m["rows"], m["errors"]) for m in markers] == [(0, 2, 1), (1, 1, 1), (2, 0, 1)]
+    rows = pq.read_table(tmp_path / "rows" / "shard-000000.parquet").to_pydict()
+    assert rows[schema.IMAGE_ID] == ["a.jpg", "c.png"]
+    assert rows[schema.WIDTH] == [64, 20]
+    assert rows["mean"][0] == pytest.approx(200, abs=2) and rows["mean"][1] == 255  # PNG alpha over white
+    assert not (tmp_path / "rows" / "shard-000002.parquet").exists()  # no image decoded: no rows file
+    errors = pq.read_table(tmp_path / schema.ERRORS_DIR / "shard-000001.parquet").to_pylist()
+    assert errors[0]["stage"] == "read" and errors[0]["path"].endswith("gone.jpg")
+    errors = pq.read_table(tmp_path / schema.ERRORS_DIR / "shard-000002.parquet").to_pylist()
+    assert errors[0]["stage"] == "decode" and "not an image" in errors[0]["error"]
+    marker = json.loads((tmp_path / schema.SHARDS_DIR / "shard-000000.json").read_text())
+    assert marker["rows"] == 2 and marker["errors"] == 1 and marker["bytes"] > 0
+
+
+def test_bomb_guard_applies_before_decoding(folder, tmp_path):
+    batch = pa.table({"shard": [0], "image_ids": [["a.jpg", "b.jpg"]]})
+    (shard,) = shards.unpack(pipeline.decode_shards(batch, str(folder), {}, max_pixels=1_500))
+    assert shard.meta[schema.IMAGE_ID].to_pylist() == ["b.jpg"]  # 30 x 40 = 1,200 pixels; a.jpg has 3,072
+    assert "decompression bomb" in shard.errors["error"][0].as_py()
+
+
+def test_pack_wraps_pixels_without_copying_and_marks_missing_parts():
+    pixels = np.random.default_rng(0).integers(0, 256, (3, *shards.PIXEL_SHAPE), dtype=np.uint8)
+    meta = pa.table(
+        {schema.IMAGE_ID: ["x", "y", "z"], schema.PATH: ["p"] * 3, schema.WIDTH: [1, 2, 3], schema.HEIGHT: [4, 5, 6]},
+        schema=shards.META_SCHEMA,
+    )
+    packed = shards.pack([shards.Shard(7, meta, pixels=pixels), shards.Shard(8, meta.slice(0, 0))])
+    first, empty = shards.unpack(packed)
+    assert first.shard == 7 and first.meta.equals(meta) and len(first.errors) == 0 and first.rows is None
+    np.testing.assert_array_equal(first.pixels, pixels)
+    assert empty.pixels is None and empty.rows is None and len(empty.meta) == 0
+    (alone,) = shards.unpack(shards.pack([shards.Shard(7, meta, pixels=pixels)]))
+    assert np.shares_memory(alone.pixels, pixels)  # one shard per row: its pixels are never copied
+
+
+def test_empty_rows_table_survives_as_empty_not_missing():
+    rows = pa.table({"a": pa.array([], pa.int64())})
+    (shard,) = shards.unpack(shards.pack([shards.Shard(0, shards.META_SCHEMA.empty_table(), rows=rows)]))
+    assert shard.rows is not None and shard.rows.num_rows == 0 and shard.rows.schema.equals(rows.schema)
+
+
+def test_job_takes_the_shared_settings_from_its_config():
+    from raycap.config import ExtractConfig
+
+    config = ExtractConfig(
+        input="in",
+        output="out",
+        shard_size=9,
+        batch_size=3,
+        decode="device",
+        actors=(1, 2),
+        max_errors=4,
+        max_pixels=99,
+        storage_options={"anon": True},
+    )
+    job = pipeline.ShardJob.from_config(config, rows_dir="rows", model_cls=MeanModel, model_kwargs={})
+    assert (
+        job.input,
+        job.output,
+        job.shard_size,
+        job.batch_size,
+        job.decode,
+        job.actors,
+        job.max_errors,
+        job.max_pixels,
+        job.storage_options,
+    ) == ("in", "out", 9, 3, "device", (1, 2), 4, 99, {"anon": True})
+
+
+def test_real_model_stages_take_the_wire_format_with_cpu_or_device_decoding(folder, tmp_path):
+    """extract's FeatureModel and caption's CaptionModel, built as the pipeline builds them (no Ray)."""
+    import torch
+
+    from raycap.caption import CaptionModel
+    from raycap.extract import FeatureModel
+    from raycap.model import Captioner, ModelConfig
+    from raycap.modeldir import write_model_dir
+    from raycap.text import Vocabulary
+
+    vocab = Vocabulary.build(["a red circle", "a blue square"])
+    torch.manual_seed(0)
+    write_model_dir(str(tmp_path / "model"), Captioner(ModelConfig(vocab_size=len(vocab))).eval(), vocab,
+                    {"encoder_weights": "random", "feature_dtype": "float16"})  # fmt: skip
+    stage = {"batch_size": 2, "threads": None, "max_pixels": 10_000}
+    features = FeatureModel(weights="random", precision="fp32", feature_dtype="float16", **stage)
+    captions = CaptionModel(model=str(tmp_path / "model"), beam_size=2, max_length=4, length_penalty=1.0,
+                            precision="fp32", **stage)  # fmt: skip
+    captions.extractor = features.extractor  # the same random encoder: build InceptionV3 once
+    batch = PLAN.slice(0, 1)  # a.jpg, bad.jpg, c.png
+    for decode in ("cpu", "device"):
+        decoded = pipeline.decode_shards(batch, str(folder), {}, max_pixels=10_000, decode=decode)
+        (rows,) = shards.unpack(features(decoded))
+        assert rows.rows[schema.IMAGE_ID].to_pylist() == ["a.jpg", "c.png"] and len(rows.errors) == 1
+        assert schema.features_to_numpy(rows.rows[schema.FEATURES]).shape == (2, 64, 2048)
+        (rows,) = shards.unpack(captions(decoded))
+        assert rows.rows.schema.equals(schema.CAPTIONS_SCHEMA) and rows.rows.num_rows == 2
