@@ -12,7 +12,7 @@ import torch
 
 from raycap import pipeline, schema
 from raycap.config import CaptionConfig
-from raycap.encoder import FeatureExtractor, resolve_weights
+from raycap.encoder import EncoderWeights, FeatureExtractor, resolve_weights
 from raycap.model import beam_search
 from raycap.modeldir import load_model_dir
 
@@ -23,7 +23,7 @@ class CaptionModel(pipeline.ShardModel):
     def __init__(
         self,
         model: str,
-        weights: ray.ObjectRef,
+        weights: ray.ObjectRef | EncoderWeights | str,
         beam_size: int,
         max_length: int,
         length_penalty: float,
@@ -33,7 +33,7 @@ class CaptionModel(pipeline.ShardModel):
     ) -> None:
         super().__init__(**stage)
         loaded = load_model_dir(model, storage_options)  # from its URI, once per actor
-        self.extractor = FeatureExtractor(ray.get(weights), precision=precision, batch_size=self.batch_size)
+        self.extractor = FeatureExtractor(pipeline.resolved(weights), precision=precision, batch_size=self.batch_size)
         self.device = self.extractor.device
         loaded.model.to(self.device)
         self.model, self.vocab, self.model_id = loaded.model, loaded.vocab, loaded.model_id

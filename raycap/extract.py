@@ -11,15 +11,17 @@ import torch
 
 from raycap import pipeline, schema
 from raycap.config import ExtractConfig
-from raycap.encoder import FeatureExtractor, resolve_precision, resolve_weights
+from raycap.encoder import EncoderWeights, FeatureExtractor, resolve_precision, resolve_weights
 
 
 class FeatureModel(pipeline.ShardModel):
     """Actor: holds InceptionV3 on its device; decoded uint8 shards in, feature rows out."""
 
-    def __init__(self, weights: ray.ObjectRef, precision: str, feature_dtype: str, **stage: Any) -> None:
+    def __init__(
+        self, weights: ray.ObjectRef | EncoderWeights | str, precision: str, feature_dtype: str, **stage: Any
+    ) -> None:
         super().__init__(**stage)
-        self.extractor = FeatureExtractor(ray.get(weights), precision=precision, batch_size=self.batch_size)
+        self.extractor = FeatureExtractor(pipeline.resolved(weights), precision=precision, batch_size=self.batch_size)
         self.device = self.extractor.device
         self.feature_dtype = feature_dtype
 

@@ -160,6 +160,11 @@ def write_shards(batch: pa.Table, output: str, rows_dir: str, storage_options: d
     return pa.Table.from_pylist(out)
 
 
+def resolved(value: Any) -> Any:
+    """An actor argument shipped through the object store (`ray.put` on the driver), or the value itself."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
 class TooManyErrors(RuntimeError):
     """More images failed than --max-errors allows."""
 
