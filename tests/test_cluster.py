@@ -205,8 +205,8 @@ def test_job_submit_with_token_auth(s3_images, tmp_path):
         fs.invalidate_cache()
         commit = json.loads(fs.cat_file(f"cluster/submit/model/{COMMIT}"))
         assert latest_checkpoint(f"{model}{RUNS_SUFFIX}", _options(aws)).startswith(f"{model}{RUNS_SUFFIX}/")
-        done = _submit(port, env, aws, "jobs/caption.py", "--input", images, "--output", captions,
-                       "--model", model, "--max-length", "5")
+        done = _submit(port, env, aws, "jobs/caption.py", "--input", images, "--model", model, "--output", captions,
+                       "--max-length", "5")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "caption: 40 rows, 0 errors" in done.stdout
         manifest = json.loads(fs.cat_file(f"cluster/submit/captions/{schema.MANIFEST_FILE}"))
