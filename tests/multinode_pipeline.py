@@ -1,6 +1,6 @@
 """Run by test_cluster.py in its own process: on a ray.cluster_utils.Cluster shaped like cluster.yaml's (a 0-CPU
 head, 1-CPU workers) with every image and output on S3: a job on nodes too small for any actor fails fast, then
-extract and caption each lose a worker node in the middle of the run.
+extract and caption each lose a worker node in the middle of the run; caption's model directory is on S3 too.
 
 S3 endpoint and credentials come from the AWS_* variables, as on AWS, so every node's tasks find them.
 """
@@ -66,7 +66,7 @@ def too_small(cluster: Cluster, images: str, output: str) -> dict:
     return {"message": message, "seconds": seconds, "wrote": wrote}
 
 
-def main(images: str, output: str, model_dir: str) -> int:
+def main(images: str, output: str) -> int:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     ray.init(address=cluster.address)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -77,6 +77,7 @@ def main(images: str, output: str, model_dir: str) -> int:
         input=images, output=features, encoder_weights="random", shard_size=4)), features)
     torch.manual_seed(0)  # an untrained captioner: node loss does not care what it says
     vocab = Vocabulary.build(["a red circle on the left and a blue square on the right"])
+    model_dir = f"{output}/model"  # read by every caption actor, on whichever node it lands
     write_model_dir(model_dir, Captioner(ModelConfig(vocab_size=len(vocab))), vocab,
                     {"encoder_weights": "random", "feature_dtype": "float16"})
     captions = f"{output}/captions"
@@ -89,4 +90,4 @@ def main(images: str, output: str, model_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -16,14 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import tomllib
 import yaml
 
 from raycap import schema, storage
-from raycap.model import Captioner, ModelConfig
-from raycap.modeldir import write_model_dir
-from raycap.text import Vocabulary
+from raycap.modeldir import COMMIT, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -120,29 +119,42 @@ def _submit(port: str, env: dict, aws: dict, script: str, *args: str) -> subproc
 
 @pytest.fixture(scope="module")
 def s3_images(tiny_synth, s3_server):
-    """The tiny dataset's images on the moto S3 server, and the AWS_* variables a job on AWS would see."""
+    """The tiny dataset's images, captions and splits on the moto S3 server, and the AWS_* variables a job on
+    AWS would see."""
     fs, _ = storage.filesystem("s3://cluster", s3_server)
     fs.mkdir("cluster")
     fs.put(str(tiny_synth / "images"), "cluster/images", recursive=True)
+    for name in ("captions.json", "splits.json"):
+        fs.put_file(str(tiny_synth / name), f"cluster/{name}")
     env = {"AWS_ENDPOINT_URL": s3_server["client_kwargs"]["endpoint_url"], "AWS_ACCESS_KEY_ID": s3_server["key"],
            "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
     return "s3://cluster/images", env
 
 
+def _options(env: dict) -> dict:
+    """s3fs options for the endpoint and credentials in AWS_* variables."""
+    return {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}}
+
+
 def _s3_ids(uri: str, rows_dir: str, env: dict, listing: bool = False) -> list[str]:
     """The image ids of an output's rows on S3 (or, with `listing`, the files under an input prefix)."""
-    fs, root = storage.filesystem(uri, {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
-                                        "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}})
+    fs, root = storage.filesystem(uri, _options(env))
     fs.invalidate_cache()
     if listing:
         return storage.list_files(fs, root)
-    return storage.read_parquet_dir(fs, storage.join(root, rows_dir), [schema.IMAGE_ID])[schema.IMAGE_ID].to_pylist()
+    return pq.read_table(storage.join(root, rows_dir), filesystem=fs, columns=[schema.IMAGE_ID])[
+        schema.IMAGE_ID
+    ].to_pylist()
 
 
 @pytest.mark.multinode
 def test_job_submit_with_token_auth(s3_images, tmp_path):
     """docs/operations.md's "From zero to captions on AWS" after `ray up`: a token-authenticated head, then
-    `ray job submit --working-dir .` of jobs/extract.py and jobs/caption.py with images and outputs on S3."""
+    `ray job submit --working-dir .` of jobs/extract.py, jobs/train.py and jobs/caption.py, every path on S3:
+    images, features, captions JSON, split file, model directory (checkpoints in MODEL.runs) and captions."""
+    from raycap.train import RUNS_SUFFIX
+
     images, aws = s3_images
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
@@ -160,7 +172,7 @@ def test_job_submit_with_token_auth(s3_images, tmp_path):
             "start",
             "--head",
             "--num-cpus",
-            "2",
+            "2",  # room for train's 2 DDP workers (0.5 CPU each) and a CPU for reading features
             "--port",
             "6391",
             "--dashboard-port",
@@ -177,22 +189,30 @@ def test_job_submit_with_token_auth(s3_images, tmp_path):
         capture_output=True,
     )
     try:
-        features = "s3://cluster/submit/features"
+        features, model, captions = (f"s3://cluster/submit/{name}" for name in ("features", "model", "captions"))
         done = _submit(port, env, aws, "jobs/extract.py", "--input", images, "--output", features,
                        "--encoder-weights", "random")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "extract: 40 rows, 0 errors" in done.stdout and f"-> {features}" in done.stdout
         assert sorted(_s3_ids(features, schema.FEATURES_DIR, aws)) == sorted(_s3_ids(images, "", aws, listing=True))
-        model = tmp_path / "model"  # an untrained captioner: the test is about the submission
-        vocab = Vocabulary.build(["a red circle on the left and a blue square on the right"])
-        write_model_dir(str(model), Captioner(ModelConfig(vocab_size=len(vocab))), vocab,
-                        {"encoder_weights": "random", "feature_dtype": "float16"})
-        captions = "s3://cluster/submit/captions"
-        done = _submit(port, env, aws, "jobs/caption.py", "--input", images, "--output", captions,
-                       "--model", str(model), "--max-length", "5")
+        # The doc's step 5 at the smallest size: one epoch, batches of 8.
+        done = _submit(port, env, aws, "jobs/train.py", "--features", features, "--captions",
+                       "s3://cluster/captions.json", "--split-file", "s3://cluster/splits.json", "--output", model,
+                       "--workers", "2", "--epochs", "1", "--batch-size", "8")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "train: {" in done.stdout and f"-> {model}" in done.stdout
+        fs, _ = storage.filesystem(model, _options(aws))
+        fs.invalidate_cache()
+        commit = json.loads(fs.cat_file(f"cluster/submit/model/{COMMIT}"))
+        assert latest_checkpoint(f"{model}{RUNS_SUFFIX}", _options(aws)).startswith(f"{model}{RUNS_SUFFIX}/")
+        done = _submit(port, env, aws, "jobs/caption.py", "--input", images, "--model", model, "--output", captions,
+                       "--max-length", "5")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "caption: 40 rows, 0 errors" in done.stdout
-        assert len(set(_s3_ids(captions, schema.CAPTIONS_DIR, aws))) == 40
+        manifest = json.loads(fs.cat_file(f"cluster/submit/captions/{schema.MANIFEST_FILE}"))
+        assert manifest["model"] == model and manifest["model_id"] == commit["model_id"]  # the model trained above
+        ids = _s3_ids(captions, schema.CAPTIONS_DIR, aws)
+        assert sorted(ids) == sorted(_s3_ids(images, "", aws, listing=True)) and len(ids) == len(set(ids))
         (tmp_path / "wrong-token").write_text(secrets.token_hex(32))
         no_token = {**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong-token")}
         denied = subprocess.run(
@@ -210,16 +230,16 @@ def test_job_submit_with_token_auth(s3_images, tmp_path):
 
 
 @pytest.mark.multinode
-def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node_loses_no_image(s3_images, tmp_path):
+def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node_loses_no_image(s3_images):
     """cluster.yaml's shape in miniature, all data on S3: nodes too small for any actor are refused at once with
-    one line; extract and caption each lose a worker node mid-run and still write every image exactly once."""
+    one line; extract and caption each lose a worker node mid-run and still write every image exactly once.
+    The caption actors read their model directory from S3, as on a cluster whose nodes share no disk."""
     images, aws = s3_images
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **aws}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multinode_pipeline.py"), images, "s3://cluster/multinode",
-         str(tmp_path / "model")],
+        [sys.executable, str(ROOT / "tests" / "multinode_pipeline.py"), images, "s3://cluster/multinode"],
         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -233,6 +253,7 @@ def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node
         assert report[job]["manifest"]["resources"]["actors"] == [2, 2], report[job]["manifest"]["resources"]
         ids = _s3_ids(f"s3://cluster/multinode/{'features' if job == 'extract' else 'captions'}", rows_dir, aws)
         assert len(ids) == len(set(ids)) == 40, job
+    assert report["caption"]["manifest"]["model"] == "s3://cluster/multinode/model"
     seconds = {job: report[job]["manifest"]["seconds"] for job in ("extract", "caption")}
     print(f"multinode run: {time.monotonic() - started:.0f}s, too small refused in {small['seconds']:.1f}s, {seconds}")
 
