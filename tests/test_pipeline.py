@@ -141,8 +141,8 @@ def test_real_model_stages_take_the_wire_format_with_cpu_or_device_decoding(fold
                     {"encoder_weights": "random", "feature_dtype": "float16"})  # fmt: skip
     stage = {"batch_size": 2, "threads": None, "max_pixels": 10_000}
     features = FeatureModel(weights="random", precision="fp32", feature_dtype="float16", **stage)
-    captions = CaptionModel(model=str(tmp_path / "model"), weights="random", beam_size=2, max_length=4, length_penalty=1.0,
-                            precision="fp32", **stage)  # fmt: skip
+    captions = CaptionModel(model=str(tmp_path / "model"), weights="random", beam_size=2, max_length=4,
+                            length_penalty=1.0, precision="fp32", **stage)  # fmt: skip
     captions.extractor = features.extractor  # the same random encoder: build InceptionV3 once
     batch = PLAN.slice(0, 1)  # a.jpg, bad.jpg, c.png
     for decode in ("cpu", "device"):
