@@ -124,6 +124,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     val_batches: list[pa.Table] | None = None  # the val split is small: read once, kept by rank 0
     autocast = device.type == "cuda"
+    run_started = time.time()  # for the ETA: the mean epoch of this run (validation included) times epochs left
     for epoch in range(start_epoch, s.epochs):
         model.train()
         started, samples, loss_sum, batches, waited = time.time(), 0, 0.0, 0, 0.0
@@ -163,6 +164,9 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             if val_batches is None:
                 val_batches = list(val_shard.iter_batches(batch_size=64, batch_format="pyarrow"))
             metrics.update(validate(core, val_batches, cfg.val_captions, cfg.val_refs, vocab, device))
+            metrics["epoch_seconds"] = time.time() - started
+            per_epoch = (time.time() - run_started) / (epoch - start_epoch + 1)
+            metrics["eta_seconds"] = round(per_epoch * (s.epochs - epoch - 1))
             history.append(metrics)
             # Written, not printed: Ray Train's patched print would show the line twice (stdout and its logger).
             sys.stdout.write(
