@@ -98,6 +98,7 @@ def run(config: CaptionConfig) -> dict:
         compression="zstd",
         row_bytes=(config.max_length + 1) * schema.NUM_REGIONS * 2 + 512,  # float16 attention + text
         storage_options=config.storage_options,
+        incremental=config.incremental,
         manifest={"job": "caption", "model": config.model, "model_id": loaded.model_id,
                   "encoder_weights": loaded.config.get("encoder_weights"), "beam_size": config.beam_size,
                   "max_length": config.max_length, "precision": config.precision},

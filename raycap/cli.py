@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from raycap import plan
 from raycap.config import CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
 from raycap.images import DEFAULT_MAX_PIXELS
 
@@ -39,6 +40,9 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default 1 when GPUs exist)")
     p.add_argument("--max-errors", type=int, help="fail once more images than this are unreadable")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images undecoded")
+    p.add_argument("--plan-only", action="store_true", help="list the input, write the plan, print its size, exit")
+    p.add_argument("--incremental", action="store_true",
+                   help="on a rerun, relist the input and plan new shards for the files added since")
     _add_ray(p)
 
 
@@ -102,7 +106,8 @@ def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return {"input": a.input, "output": a.output, "shard_size": a.shard_size, "batch_size": a.batch_size,
             "precision": a.precision, "actors": a.actors, "gpus_per_actor": a.gpus_per_actor,
             "max_errors": a.max_errors, "max_pixels": a.max_pixels,
-            "storage_options": parse_storage_options(a.storage_options), "address": a.address}
+            "storage_options": parse_storage_options(a.storage_options), "address": a.address,
+            "plan_only": a.plan_only, "incremental": a.incremental}
 
 
 def init_ray(address: str | None) -> None:
@@ -131,6 +136,9 @@ def _run_extract(a: argparse.Namespace) -> None:
 
     config = ExtractConfig(**_pipeline_kwargs(a), encoder_weights=a.encoder_weights, feature_dtype=a.feature_dtype)
     config.validate()
+    if config.plan_only:
+        print(f"extract: {plan.plan_only(config)}")
+        return
     init_ray(config.address)
     print(_summary("extract", extract.run(config)))
 
@@ -141,6 +149,9 @@ def _run_caption(a: argparse.Namespace) -> None:
     config = CaptionConfig(**_pipeline_kwargs(a), model=a.model, beam_size=a.beam_size, max_length=a.max_length,
                            length_penalty=a.length_penalty)
     config.validate()
+    if config.plan_only:
+        print(f"caption: {plan.plan_only(config)}")
+        return
     init_ray(config.address)
     print(_summary("caption", caption.run(config)))
 

@@ -49,6 +49,7 @@ def run(config: ExtractConfig) -> dict:
         compression=config.compression,
         row_bytes=schema.NUM_REGIONS * schema.FEATURE_DIM * np.dtype(config.feature_dtype).itemsize,
         storage_options=config.storage_options,
+        incremental=config.incremental,
         manifest={"job": "extract", "encoder_weights": config.encoder_weights, "feature_dtype": config.feature_dtype,
                   "precision": config.precision,
                   "precision_on_cpu": resolve_precision(config.precision, torch.device("cpu")),
