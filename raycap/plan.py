@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -97,13 +98,15 @@ def _list_dir(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, bool]
         raise ValueError(f"cannot list {storage.uri(fs, path)} ({type(e).__name__}: {storage.one_line(e)})") from None
     finally:
         fs.invalidate_cache(path)
+    base = path.rstrip("/")
     out = []
     for entry in entries:
         full = entry["name"].rstrip("/")
-        name = posixpath.basename(full)
-        if name and not _hidden(name) and full != path.rstrip("/"):  # S3 may list the prefix itself
+        name = full.rpartition("/")[2]
+        if name and name[0] not in "._" and full != base:  # S3 may list the prefix itself
             out.append((name, entry["type"] == "directory"))
-    return sorted(out)
+    out.sort()
+    return out
 
 
 @dataclass
@@ -113,8 +116,9 @@ class _Folder:
     listing: Future | None = None
 
 
-def _walk_remote(fs: fsspec.AbstractFileSystem, root: str, first: list[tuple[str, bool]],
-                 threads: int) -> Iterator[str]:
+def _walk_remote(
+    fs: fsspec.AbstractFileSystem, root: str, first: list[tuple[str, bool]], threads: int
+) -> Iterator[str]:
     """Depth first in `_order`, with the next LIST_AHEAD folders being listed `threads` at a time."""
     with ThreadPoolExecutor(threads) as pool:
         done: Future = Future()
@@ -128,11 +132,17 @@ def _walk_remote(fs: fsspec.AbstractFileSystem, root: str, first: list[tuple[str
             assert item.listing is not None
             entries = item.listing.result()
             pushed: list[_Folder | list[str]] = []
-            for is_dir, group in itertools.groupby(entries, key=lambda e: e[1]):
+            run: list[str] = []
+            for name, is_dir in entries:
                 if is_dir:
-                    pushed.extend(_Folder(f"{item.path}/{n}", f"{item.rel}{n}/") for n, _ in group)
+                    if run:
+                        pushed.append(run)
+                        run = []
+                    pushed.append(_Folder(f"{item.path}/{name}", f"{item.rel}{name}/"))
                 else:
-                    pushed.append([item.rel + n for n, _ in group])
+                    run.append(item.rel + name)
+            if run:
+                pushed.append(run)
             stack.extend(reversed(pushed))
             ahead = 0
             for waiting in reversed(stack):
@@ -163,8 +173,9 @@ def plan_dir(output: str) -> str:
 def read_plan(fs: fsspec.AbstractFileSystem, output: str) -> Plan | None:
     """The committed plan of an output root, or None before the first run committed one."""
     if fs.exists(storage.join(output, "_plan.json")):
-        raise ValueError(f"{storage.uri(fs, output)} was written by an older raycap (_plan.json); "
-                         "choose a new --output")
+        raise ValueError(
+            f"{storage.uri(fs, output)} was written by an older raycap (_plan.json); choose a new --output"
+        )
     path = storage.join(plan_dir(output), HEADER)
     if not fs.exists(path):
         return None
@@ -180,10 +191,14 @@ def _write_parts(fs: fsspec.AbstractFileSystem, output: str, ids: Iterable[str],
         shards = math.ceil(len(chunk) / shard_size)
         first = plan.shards
         name = f"part-{len(plan.parts):06d}.parquet"
-        numbers = pa.array([first + i // shard_size for i in range(len(chunk))], pa.int32())
+        numbers = pa.array(first + np.arange(len(chunk), dtype=np.int32) // shard_size)
         sink = io.BytesIO()
-        pq.write_table(pa.table([numbers, pa.array(chunk, pa.string())], schema=_PART_SCHEMA), sink,
-                       row_group_size=shard_size, compression="zstd")
+        pq.write_table(
+            pa.table([numbers, pa.array(chunk, pa.string())], schema=_PART_SCHEMA),
+            sink,
+            row_group_size=shard_size,
+            compression="zstd",
+        )
         storage.write_bytes_atomic(fs, storage.join(plan_dir(output), name), sink.getvalue())
         plan.parts.append({"name": name, "first_shard": first, "shards": shards, "files": len(chunk)})
         plan.shards += shards
@@ -194,11 +209,13 @@ def _write_parts(fs: fsspec.AbstractFileSystem, output: str, ids: Iterable[str],
 
 def _planned_ids(fs: fsspec.AbstractFileSystem, output: str, plan: Plan) -> Iterator[str]:
     """Every planned id in `_order`: each increment is in listing order, so merge them."""
+
     def increment(inc: dict) -> Iterator[str]:
         for part in plan.parts:
             if inc["first_shard"] <= part["first_shard"] < inc["first_shard"] + inc["shards"]:
                 path = storage.join(plan_dir(output), part["name"])
                 yield from pq.read_table(path, columns=[schema.IMAGE_ID], filesystem=fs)[0].to_pylist()
+
     return heapq.merge(*(increment(inc) for inc in plan.increments), key=_order)
 
 
@@ -230,9 +247,16 @@ class _Diff:
             old = next(self.planned, None)
 
 
-def prepare(in_fs: fsspec.AbstractFileSystem, in_root: str, out_fs: fsspec.AbstractFileSystem, out_root: str,
-            shard_size: int | None, actors: int, incremental: bool = False,
-            say: Callable[[str], None] = print) -> Plan:
+def prepare(
+    in_fs: fsspec.AbstractFileSystem,
+    in_root: str,
+    out_fs: fsspec.AbstractFileSystem,
+    out_root: str,
+    shard_size: int | None,
+    actors: int,
+    incremental: bool = False,
+    say: Callable[[str], None] = print,
+) -> Plan:
     """The job's plan: made on the first run while listing; reused by reruns; extended by --incremental ones.
 
     Shard membership never changes once committed (reruns would otherwise duplicate or lose rows), so a
@@ -241,8 +265,10 @@ def prepare(in_fs: fsspec.AbstractFileSystem, in_root: str, out_fs: fsspec.Abstr
     input_uri = storage.uri(in_fs, in_root)
     plan = read_plan(out_fs, out_root)
     if plan is not None and plan.input != input_uri:
-        raise ValueError(f"{storage.uri(out_fs, out_root)} holds the output of another input ({plan.input}); "
-                         "choose a new --output or the same --input")
+        raise ValueError(
+            f"{storage.uri(out_fs, out_root)} holds the output of another input ({plan.input}); "
+            "choose a new --output or the same --input"
+        )
     if plan is not None and not incremental:
         say(f"{input_uri}: plan reused, input not relisted (--incremental plans files added since)")
         return plan
@@ -266,11 +292,20 @@ def prepare(in_fs: fsspec.AbstractFileSystem, in_root: str, out_fs: fsspec.Abstr
         raise ValueError(f"no files under {input_uri}")
     removed = diff.removed if diff else 0
     if diff and diff.removed:
-        say(f"{input_uri}: {diff.removed} planned files are gone from the input (e.g. "
-            f"{', '.join(diff.removed_examples)}); their shards not yet finished will record them as errors")
+        say(
+            f"{input_uri}: {diff.removed} planned files are gone from the input (e.g. "
+            f"{', '.join(diff.removed_examples)}); their shards not yet finished will record them as errors"
+        )
     if added or removed or not plan.increments:
-        plan.increments.append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "first_shard": first_shard,
-                                "shards": plan.shards - first_shard, "files": added, "removed": removed})
+        plan.increments.append(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "first_shard": first_shard,
+                "shards": plan.shards - first_shard,
+                "files": added,
+                "removed": removed,
+            }
+        )
         storage.write_json_atomic(out_fs, storage.join(plan_dir(out_root), HEADER), asdict(plan))
     if diff is not None:
         say(f"{input_uri}: {added} new files planned in {plan.shards - first_shard} new shards")
@@ -287,8 +322,11 @@ def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, tup
     if storage.is_local(fs):
         names = os.listdir(marker_dir) if os.path.isdir(marker_dir) else []
     else:
-        names = [posixpath.basename(p) for p in fs.ls(marker_dir, detail=False, refresh=True)] \
-            if fs.exists(marker_dir) else []
+        names = (
+            [posixpath.basename(p) for p in fs.ls(marker_dir, detail=False, refresh=True)]
+            if fs.exists(marker_dir)
+            else []
+        )
         fs.invalidate_cache(marker_dir)
     found: dict[int, tuple[int, int]] = {}
     twice: dict[int, list[str]] = {}
@@ -311,8 +349,11 @@ def pending_shards(plan: Plan, done: dict[int, tuple[int, int]]) -> list[dict[st
     items = []
     for part in plan.parts:
         first = part["first_shard"]
-        items.extend({"shard": k, "part": part["name"], "row_group": k - first}
-                     for k in range(first, first + part["shards"]) if k not in done)
+        items.extend(
+            {"shard": k, "part": part["name"], "row_group": k - first}
+            for k in range(first, first + part["shards"])
+            if k not in done
+        )
     return items
 
 
@@ -329,9 +370,16 @@ def shard_ids(batch: pa.Table, output: str, storage_options: dict) -> pa.Table:
 class Progress:
     """One line whenever `every_seconds` have passed or another `every_fraction` of the shards finished."""
 
-    def __init__(self, shards: int, images: int, done: dict[int, tuple[int, int]], say: Callable[[str], None],
-                 every_seconds: float = 30.0, every_fraction: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        shards: int,
+        images: int,
+        done: dict[int, tuple[int, int]],
+        say: Callable[[str], None],
+        every_seconds: float = 30.0,
+        every_fraction: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.shards, self.images, self.say, self.clock = shards, images, say, clock
         self.every_seconds, self.step = every_seconds, max(1, math.ceil(every_fraction * shards))
         self.done = len(done)
@@ -347,8 +395,11 @@ class Progress:
         self.errors += errors
         self.this_run += rows + errors
         now = self.clock()
-        if now - self.last_time >= self.every_seconds or self.done - self.last_done >= self.step \
-                or self.done == self.shards:
+        if (
+            now - self.last_time >= self.every_seconds
+            or self.done - self.last_done >= self.step
+            or self.done == self.shards
+        ):
             self.last_time, self.last_done = now, self.done
             self.say(self.line(now))
 
@@ -356,8 +407,10 @@ class Progress:
         elapsed = max(now - self.started, 1e-9)
         rate = self.this_run / elapsed
         eta = f"{(self.images - self.images_done) / rate:.0f}s" if rate > 0 else "?"
-        return (f"progress: {self.done}/{self.shards} shards, {self.images_done} images, {self.errors} errors, "
-                f"{rate:.1f} images/s, ETA {eta}")
+        return (
+            f"progress: {self.done}/{self.shards} shards, {self.images_done} images, {self.errors} errors, "
+            f"{rate:.1f} images/s, ETA {eta}"
+        )
 
 
 def plan_only(config: Any, say: Callable[[str], None] = print) -> str:
@@ -367,4 +420,3 @@ def plan_only(config: Any, say: Callable[[str], None] = print) -> str:
     actors = config.actors[1] if config.actors else max(1, os.cpu_count() or 1)
     plan = prepare(in_fs, in_root, out_fs, out_root, config.shard_size, actors, config.incremental, say)
     return f"{plan.files} files in {plan.shards} shards"
-

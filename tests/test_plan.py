@@ -83,8 +83,16 @@ def test_plan_incremental_reruns_keep_every_file_exactly_once(tmp_path, monkeypa
 def test_finished_shards_come_from_one_listing_and_double_commits_are_redone(tmp_path):
     fs, root = storage.filesystem(str(tmp_path))
     markers = tmp_path / schema.SHARDS_DIR
-    _touch(markers, [plan.marker_name(0, 250, 6), plan.marker_name(1, 256, 0), plan.marker_name(2, 3, 1),
-                     plan.marker_name(2, 4, 0), "shard-000003.json.1a2b.tmp"])
+    _touch(
+        markers,
+        [
+            plan.marker_name(0, 250, 6),
+            plan.marker_name(1, 256, 0),
+            plan.marker_name(2, 3, 1),
+            plan.marker_name(2, 4, 0),
+            "shard-000003.json.1a2b.tmp",
+        ],
+    )
     assert plan.finished_shards(fs, root) == {0: (250, 6), 1: (256, 0)}
     assert sorted(os.listdir(markers))[:2] == [plan.marker_name(0, 250, 6), plan.marker_name(1, 256, 0)]
     assert not any(n.startswith("shard-000002") for n in os.listdir(markers))
@@ -137,8 +145,19 @@ def test_incremental_run_processes_new_files_once_and_prints_progress(ray_sessio
 
 def _plan_only_peak_rss(src: Path, out: Path) -> tuple[int, str]:
     """Peak RSS (KiB) and last line of `raycap extract --plan-only` in a child process."""
-    cmd = [sys.executable, "-m", "raycap.cli", "extract", "--plan-only", "--input", str(src), "--output", str(out),
-           "--encoder-weights", "random"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raycap.cli",
+        "extract",
+        "--plan-only",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--encoder-weights",
+        "random",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (its output is a few lines)
     assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read()
