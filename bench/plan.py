@@ -22,7 +22,7 @@ import time
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from raycap import plan, schema, storage
+from raycap import listing, plan, schema, storage
 
 FILES_PER_FOLDER = 1000  # leaf prefix size of the simulated listings
 
@@ -186,11 +186,11 @@ def run_listing(keys: int, latency_ms: float) -> None:
         fs.invalidate_cache()
         find_s = time.perf_counter() - started
         started = time.perf_counter()
-        listed = list(plan.iter_files(fs, "bench/in"))
+        listed = list(listing.iter_files(fs, "bench/in"))
         parallel_s = time.perf_counter() - started
         assert len(found) == len(listed) == keys
         print(
-            f"fs.find {find_s:.2f} s, parallel prefix listing ({plan.LIST_THREADS} in flight) {parallel_s:.2f} s: "
+            f"fs.find {find_s:.2f} s, parallel prefix listing ({listing.LIST_THREADS} in flight) {parallel_s:.2f} s: "
             f"{find_s / parallel_s:.2f}x"
         )
     finally:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycap import plan, schema, storage
+from raycap import listing, plan, schema, storage
 from tests.helpers import extract
 
 
@@ -37,14 +37,14 @@ def _planned(out: Path) -> list[list[str]]:
 def test_local_and_object_store_listings_stream_the_same_order(tmp_path):
     names = ["b/2.jpg", "a.jpg", "b/1/x.jpg", "c.png", "a/z.jpg", ".hidden.jpg", "_SUCCESS", "_tmp/y.jpg", "b/.k/q"]
     _touch(tmp_path, names)
-    local = list(plan.iter_files(*storage.filesystem(str(tmp_path))))
+    local = list(listing.iter_files(*storage.filesystem(str(tmp_path))))
     assert local == ["a/z.jpg", "a.jpg", "b/1/x.jpg", "b/2.jpg", "c.png"]  # components in order, hidden skipped
     mem = fsspec.filesystem("memory")
     for name in names:
         mem.pipe(f"/bucket/in/{name}", b"")
-    assert list(plan.iter_files(mem, "/bucket/in", threads=3)) == local
+    assert list(listing.iter_files(mem, "/bucket/in", threads=3)) == local
     with pytest.raises(ValueError, match="does not exist"):
-        plan.iter_files(mem, "/bucket/nothing")
+        listing.iter_files(mem, "/bucket/nothing")
 
 
 def test_plan_incremental_reruns_keep_every_file_exactly_once(tmp_path, monkeypatch):
