@@ -132,26 +132,26 @@ def _summary(kind: str, manifest: dict[str, Any]) -> str:
 
 
 def _run_extract(a: argparse.Namespace) -> None:
-    from raycap import extract
-
     config = ExtractConfig(**_pipeline_kwargs(a), encoder_weights=a.encoder_weights, feature_dtype=a.feature_dtype)
     config.validate()
     if config.plan_only:
         print(f"extract: {plan.plan_only(config)}")
         return
+    from raycap import extract
+
     init_ray(config.address)
     print(_summary("extract", extract.run(config)))
 
 
 def _run_caption(a: argparse.Namespace) -> None:
-    from raycap import caption
-
     config = CaptionConfig(**_pipeline_kwargs(a), model=a.model, beam_size=a.beam_size, max_length=a.max_length,
                            length_penalty=a.length_penalty)
     config.validate()
     if config.plan_only:
         print(f"caption: {plan.plan_only(config)}")
         return
+    from raycap import caption
+
     init_ray(config.address)
     print(_summary("caption", caption.run(config)))
 
