@@ -80,7 +80,7 @@ def child(n: int, workdir: str) -> dict:
     started = time.perf_counter()
     header = plan.prepare(SimulatedListing(0), "/bucket", out_fs, out, None, 8, say=lambda _: None)
     done = plan.finished_shards(out_fs, out)
-    left = plan.pending_shards(header, done)
+    left = plan.pending_parts(header, done)
     resume = time.perf_counter() - started
     assert not left and len(done) == made.shards
     return {

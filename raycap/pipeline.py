@@ -93,6 +93,7 @@ class ShardModel:
 
 
 _PIXEL_SHAPE = (schema.IMAGE_SIZE, schema.IMAGE_SIZE, 3)
+_SHARD_BLOCK_BYTES = 1024  # target block size of the job's Dataset: every shard row (one per batch) is a block
 
 
 def decode_shards(batch: pa.Table, input_root: str, storage_options: dict, max_pixels: int) -> pa.Table:
@@ -198,8 +199,8 @@ def plan_resources(job: ShardJob) -> dict[str, Any]:
 def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds: float = 30.0) -> dict[str, Any]:
     """Run (or resume) a sharded job to completion and write its manifest; returns the manifest.
 
-    The driver holds the plan's header, the finished shards' counts and one small item per pending shard, never
-    the image ids: tasks read each shard's ids from its row group of the plan's Parquet parts. A progress line
+    The driver holds the plan's header, the finished shards' counts and one item per plan part, never the
+    image ids: tasks read each shard's ids from its row group of the plan's Parquet parts. A progress line
     goes out every `progress_seconds` or 10% of the shards.
     """
     started = time.time()
@@ -210,18 +211,20 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     shard_plan = plan.prepare(in_fs, in_root, out_fs, out_root, job.shard_size, res["actors"][1], job.incremental,
                               progress)
     done = plan.finished_shards(out_fs, out_root)
-    items = plan.pending_shards(shard_plan, done)
-    pending = len(items)
+    parts = plan.pending_parts(shard_plan, done)
+    pending = sum(len(p["pending"]) for p in parts)
     progress(f"{input_uri}: {shard_plan.files} files in {shard_plan.shards} shards, {len(done)} already finished"
              + ("" if pending else ": nothing to do"))
     errors_so_far = sum(e for _, e in done.values())
     inflight = inflight_bytes(shard_plan.shard_size, res["actors"][1], job.row_bytes)
     finished_before = set(done)
-    if items:
+    if parts:
         lines = plan.Progress(shard_plan.shards, shard_plan.files, done, progress, every_seconds=progress_seconds)
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # Same resources as decoding, so Ray Data fuses the two: one task reads a shard's ids, then its images.
-        ds = ds.map_batches(plan.shard_ids, batch_size=1, batch_format="pyarrow", num_cpus=res["decode_cpus"],
+        context = ray.data.DataContext.get_current()
+        block_bytes, context.target_max_block_size = context.target_max_block_size, _SHARD_BLOCK_BYTES
+        ds = ray.data.from_items(parts, override_num_blocks=len(parts))
+        # Fewer CPUs than decoding, so the two are not fused: each shard is a block and gets its own decode task.
+        ds = ds.map_batches(plan.expand_parts, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
                             fn_kwargs={"output": job.output, "storage_options": job.storage_options})
         ds = ds.map_batches(decode_shards, batch_size=1, batch_format="pyarrow", num_cpus=res["decode_cpus"],
                             fn_kwargs={"input_root": job.input, "storage_options": job.storage_options,
@@ -235,6 +238,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"output": job.output, "rows_dir": job.rows_dir,
                                        "storage_options": job.storage_options, "compression": job.compression})
+        context.target_max_block_size = block_bytes  # the Dataset keeps the context it was built with
         for marker in ds.iter_rows():
             rows, errors = int(marker["rows"]), int(marker["errors"])
             done[int(marker["shard"])] = (rows, errors)

@@ -238,27 +238,30 @@ def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, tup
     return found
 
 
-def pending_shards(plan: Plan, done: dict[int, tuple[int, int]]) -> list[dict[str, Any]]:
-    """One small item per unfinished shard (number and where its ids are): the pipeline's source rows."""
+def pending_parts(plan: Plan, done: dict[int, tuple[int, int]]) -> list[dict[str, Any]]:
+    """One item per plan part that still has unfinished shards: the pipeline's source rows (a few thousand at
+    most, whatever the number of images)."""
     items = []
     for part in plan.parts:
         first = part["first_shard"]
-        items.extend(
-            {"shard": k, "part": part["name"], "row_group": k - first}
-            for k in range(first, first + part["shards"])
-            if k not in done
-        )
+        pending = [k for k in range(first, first + part["shards"]) if k not in done]
+        if pending:
+            items.append({"part": part["name"], "first_shard": first, "pending": pending})
     return items
 
 
-def shard_ids(batch: pa.Table, output: str, storage_options: dict) -> pa.Table:
-    """Task: each shard's image ids, read from its row group of the plan (fused into the decode task)."""
+def expand_parts(batch: pa.Table, output: str, storage_options: dict) -> Iterator[pa.Table]:
+    """Task: yields (shard, image_ids) for each pending shard of each plan part, read as its row group.
+
+    One table per shard, so that each becomes its own block (see pipeline.run) and shards decode in parallel.
+    """
     fs, root = storage.filesystem(output, storage_options)
-    ids = []
     for row in batch.to_pylist():
         with fs.open(storage.join(plan_dir(root), row["part"]), "rb") as f:
-            ids.append(pq.ParquetFile(f).read_row_group(row["row_group"], columns=[schema.IMAGE_ID])[0].to_pylist())
-    return pa.table({"shard": batch["shard"], "image_ids": ids})
+            part = pq.ParquetFile(f)
+            for shard in row["pending"]:
+                ids = part.read_row_group(shard - row["first_shard"], columns=[schema.IMAGE_ID])[0]
+                yield pa.table({"shard": [shard], "image_ids": [ids.to_pylist()]})
 
 
 class Progress:

@@ -28,8 +28,8 @@ def _planned(out: Path) -> list[list[str]]:
     """Every shard's ids, read back the way the pipeline's tasks read them."""
     fs, root = storage.filesystem(str(out))
     header = plan.read_plan(fs, root)
-    items = plan.pending_shards(header, {})
-    table = plan.shard_ids(pa.Table.from_pylist(items), str(out), {})
+    items = plan.pending_parts(header, {})
+    table = pa.concat_tables(plan.expand_parts(pa.Table.from_pylist(items), str(out), {}))
     assert table["shard"].to_pylist() == list(range(header.shards))
     return table["image_ids"].to_pylist()
 
