@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from raycap import plan
 from raycap.config import VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options, verbose
 from raycap.images import DEFAULT_MAX_PIXELS
 
@@ -91,6 +92,9 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per model actor (default 1 when GPUs exist)")
     p.add_argument("--max-errors", type=int, help="fail once more images than this are unreadable")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images undecoded")
+    p.add_argument("--plan-only", action="store_true", help="list the input, write the plan, print its size, exit")
+    p.add_argument("--incremental", action="store_true",
+                   help="on a rerun, relist the input and plan new shards for the files added since")
     _add_ray(p)
 
 
@@ -183,6 +187,8 @@ def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         "max_pixels": a.max_pixels,
         "storage_options": parse_storage_options(a.storage_options),
         "address": a.address,
+        "plan_only": a.plan_only,
+        "incremental": a.incremental,
     }
 
 
@@ -262,6 +268,9 @@ def _summary(kind: str, manifest: dict[str, Any]) -> str:
 def _run_extract(a: argparse.Namespace) -> None:
     config = ExtractConfig(**_pipeline_kwargs(a), encoder_weights=a.encoder_weights, feature_dtype=a.feature_dtype)
     config.validate()  # before importing torch and Ray: a mistake is reported in a second
+    if config.plan_only:
+        print(f"extract: {plan.plan_only(config)}")
+        return
     from raycap import extract
 
     init_ray(config.address)
@@ -277,6 +286,9 @@ def _run_caption(a: argparse.Namespace) -> None:
         length_penalty=a.length_penalty,
     )
     config.validate()  # before importing torch and Ray: a mistake is reported in a second
+    if config.plan_only:
+        print(f"caption: {plan.plan_only(config)}")
+        return
     from raycap import caption
 
     init_ray(config.address)

@@ -63,6 +63,8 @@ class PipelineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before decoding (decompression bombs)
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to s3fs/fsspec
     address: str | None = None  # Ray address; None starts an embedded local Ray
+    plan_only: bool = False  # list the input, write the plan, print its size; no Ray, no model
+    incremental: bool = False  # relist the input on a rerun and plan new shards for files added since
 
     def validate(self) -> None:
         if self.shard_size is not None and self.shard_size < 1:

@@ -10,7 +10,6 @@ module that sets concurrency, num_gpus and batch sizes.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -21,9 +20,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raycap import resources, schema, shards, storage
+from raycap import plan, resources, schema, shards, storage
 from raycap.config import PipelineConfig
 from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from raycap.plan import auto_shard_size  # noqa: F401 - part of this module's interface
 
 
 @dataclass
@@ -48,6 +48,7 @@ class ShardJob:
     row_bytes: int = 0  # size of one output row, for the in-flight working-set estimate
     storage_options: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
+    incremental: bool = False  # relist the input and plan new shards for files added since the plan
 
     @classmethod
     def from_config(cls, config: PipelineConfig, **job: Any) -> ShardJob:
@@ -57,7 +58,7 @@ class ShardJob:
 
 
 _SHARED_SETTINGS = ("input", "output", "shard_size", "batch_size", "decode", "max_pixels", "max_errors", "actors",
-                    "gpus_per_actor", "storage_options")
+                    "gpus_per_actor", "storage_options", "incremental")
 CPU_BATCH = 16  # images per forward on a CPU: larger batches gain nothing there and hold more memory
 GPU_BATCH = 128  # images per forward on a GPU: enough to keep it busy in bf16
 
@@ -98,6 +99,9 @@ class ShardModel:
         from raycap import devdecode
 
         return devdecode.decode_shard(shard, self.device, self.max_pixels)
+
+
+_SHARD_BLOCK_BYTES = 1024  # target block size of the job's Dataset: every shard row (one per batch) is a block
 
 
 def decode_shards(batch: pa.Table, input_root: str, storage_options: dict, max_pixels: int,
@@ -145,7 +149,7 @@ def write_shards(batch: pa.Table, output: str, rows_dir: str, storage_options: d
     fs, root = storage.filesystem(output, storage_options)
     out = []
     for shard in shards.unpack(batch):
-        name = storage.shard_name(shard.shard)
+        name = plan.shard_name(shard.shard)
         rows = shard.rows.num_rows if shard.rows is not None else 0
         written = 0
         if rows:
@@ -155,7 +159,8 @@ def write_shards(batch: pa.Table, output: str, rows_dir: str, storage_options: d
             written += storage.write_parquet_atomic(fs, storage.join(root, schema.ERRORS_DIR, f"{name}.parquet"),
                                                     shard.errors, "zstd")
         marker = {"shard": shard.shard, "rows": rows, "errors": len(shard.errors), "bytes": written}
-        storage.write_json_atomic(fs, storage.join(root, schema.SHARDS_DIR, f"{name}.json"), marker)
+        marker_path = storage.join(root, schema.SHARDS_DIR, plan.marker_name(shard.shard, rows, len(shard.errors)))
+        storage.write_json_atomic(fs, marker_path, marker)
         out.append(marker)
     return pa.Table.from_pylist(out)
 
@@ -167,12 +172,6 @@ def resolved(value: Any) -> Any:
 
 class TooManyErrors(RuntimeError):
     """More images failed than --max-errors allows."""
-
-
-def auto_shard_size(images: int, actors: int, per_actor: int = 8, smallest: int = 32, largest: int = 256) -> int:
-    """Shards small enough that every actor gets about `per_actor` of them (so none idles at the end), but
-    at least `smallest` images (each shard costs three scheduled tasks); on big inputs simply `largest`."""
-    return min(largest, max(smallest, math.ceil(images / (actors * per_actor))))
 
 
 def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
@@ -208,30 +207,37 @@ def settle_resources(job: ShardJob, planned: dict[str, Any]) -> dict[str, Any]:
     return settled
 
 
-def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a sharded job to completion and write its manifest; returns the manifest."""
+def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds: float = 30.0) -> dict[str, Any]:
+    """Run (or resume) a sharded job to completion and write its manifest; returns the manifest.
+
+    The driver holds the plan's header, the finished shards' counts and one item per plan part, never the
+    image ids: tasks read each shard's ids from its row group of the plan's Parquet parts. A progress line
+    goes out every `progress_seconds` or 10% of the shards.
+    """
     started = time.time()
     in_fs, in_root = storage.filesystem(job.input, job.storage_options)
     out_fs, out_root = storage.filesystem(job.output, job.storage_options)
     input_uri = storage.uri(in_fs, in_root)
-    plan_path = storage.join(out_root, schema.PLAN_FILE)
-    listing = None if out_fs.exists(plan_path) else storage.list_files(in_fs, in_root)
-    if listing is not None and not listing:
-        raise ValueError(f"no files under {input_uri}")
     res = plan_resources(job)
     res |= settle_resources(job, res)
-    shards = storage.load_or_create_plan(out_fs, out_root, input_uri, listing,
-                                         job.shard_size or auto_shard_size(len(listing or ()), res["actors"][1]))
-    shard_size = max(len(s) for s in shards)  # the plan's, on a rerun
-    done = storage.finished_shards(out_fs, out_root)
-    pending = [k for k in range(len(shards)) if k not in done]
-    total_images = sum(len(s) for s in shards)
-    progress(f"{input_uri}: {total_images} files in {len(shards)} shards, {len(done)} already finished")
-    errors_so_far = sum(m["errors"] for m in done.values())
-    inflight = inflight_bytes(shard_size, res["actors"][1], job.row_bytes)
-    if pending:
-        items = [{"shard": k, "image_ids": shards[k]} for k in pending]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+    shard_plan = plan.prepare(in_fs, in_root, out_fs, out_root, job.shard_size, res["actors"][1], job.incremental,
+                              progress)
+    done = plan.finished_shards(out_fs, out_root)
+    parts = plan.pending_parts(shard_plan, done)
+    pending = sum(len(p["pending"]) for p in parts)
+    progress(f"{input_uri}: {shard_plan.files} files in {shard_plan.shards} shards, {len(done)} already finished"
+             + ("" if pending else ": nothing to do"))
+    errors_so_far = sum(e for _, e in done.values())
+    inflight = inflight_bytes(shard_plan.shard_size, res["actors"][1], job.row_bytes)
+    finished_before = set(done)
+    if parts:
+        lines = plan.Progress(shard_plan.shards, shard_plan.files, done, progress, every_seconds=progress_seconds)
+        context = ray.data.DataContext.get_current()
+        block_bytes, context.target_max_block_size = context.target_max_block_size, _SHARD_BLOCK_BYTES
+        ds = ray.data.from_items(parts, override_num_blocks=len(parts))
+        # Fewer CPUs than decoding, so the two are not fused: each shard is a block and gets its own decode task.
+        ds = ds.map_batches(plan.expand_parts, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
+                            fn_kwargs={"output": job.output, "storage_options": job.storage_options})
         ds = ds.map_batches(decode_shards, batch_size=1, batch_format="pyarrow", num_cpus=res["decode_cpus"],
                             fn_kwargs={"input_root": job.input, "storage_options": job.storage_options,
                                        "max_pixels": job.max_pixels, "decode": res["decode"]})
@@ -245,25 +251,29 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
         ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=res["write_cpus"],
                             fn_kwargs={"output": job.output, "rows_dir": job.rows_dir,
                                        "storage_options": job.storage_options, "compression": job.compression})
+        context.target_max_block_size = block_bytes  # the Dataset keeps the context it was built with
         for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):
-            done[int(marker["shard"])] = dict(marker)
-            errors_so_far += int(marker["errors"])
+            rows, errors = int(marker["rows"]), int(marker["errors"])
+            done[int(marker["shard"])] = (rows, errors)
+            lines.shard_finished(rows, errors)
+            errors_so_far += errors
             if job.max_errors is not None and errors_so_far > job.max_errors:
                 raise TooManyErrors(
                     f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
                     f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
                 )
     elapsed = time.time() - started
-    processed = sum(done[k]["rows"] + done[k]["errors"] for k in pending)
+    processed = sum(r + e for k, (r, e) in done.items() if k not in finished_before)
     manifest = {
         "input": input_uri,
         "output": storage.uri(out_fs, out_root),
-        "images": total_images,
-        "rows": sum(m["rows"] for m in done.values()),
-        "errors": sum(m["errors"] for m in done.values()),
-        "shards": len(shards),
-        "shards_this_run": len(pending),
-        "shard_size": shard_size,
+        "images": shard_plan.files,
+        "rows": sum(r for r, _ in done.values()),
+        "errors": sum(e for _, e in done.values()),
+        "shards": shard_plan.shards,
+        "shards_this_run": pending,
+        "shard_size": shard_plan.shard_size,
+        "increments": shard_plan.increments,
         "seconds": round(elapsed, 2),
         "images_per_second": round(processed / elapsed, 2) if elapsed > 0 else None,
         "resources": {k: v for k, v in res.items() if k != "actors"} | {"actors": list(res["actors"]),
@@ -272,8 +282,9 @@ def run(job: ShardJob, progress: Callable[[str], None] = print) -> dict[str, Any
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **job.manifest,
     }
-    if manifest["rows"] + manifest["errors"] != total_images:
-        raise RuntimeError(f"accounting error: {manifest['rows']} rows + {manifest['errors']} errors != {total_images}")
+    if manifest["rows"] + manifest["errors"] != shard_plan.files:
+        raise RuntimeError(f"accounting error: {manifest['rows']} rows + {manifest['errors']} errors "
+                           f"!= {shard_plan.files}")
     storage.write_json_atomic(out_fs, storage.join(out_root, schema.MANIFEST_FILE), manifest)
     return manifest
 

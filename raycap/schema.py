@@ -40,7 +40,7 @@ FEATURES_DIR = "features"
 CAPTIONS_DIR = "captions"
 ERRORS_DIR = "errors"
 SHARDS_DIR = "_shards"  # one JSON commit marker per finished shard
-PLAN_FILE = "_plan.json"  # the input listing and its split into shards, fixed on the first run
+PLAN_DIR = "_plan"  # the input listing split into shards (Parquet parts + _plan.json header), fixed on the first run
 MANIFEST_FILE = "_manifest.json"  # written last: the run is complete
 
 

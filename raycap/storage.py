@@ -1,4 +1,4 @@
-"""URIs (local paths and s3://) through fsspec/s3fs: listing, atomic writes, shard plans and commit markers."""
+"""URIs (local paths and s3://) through fsspec/s3fs: filesystems, reads, atomic writes, Parquet folders."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-
-from raycap import schema
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -50,26 +46,6 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
-def list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Every file below `root` (recursive), as sorted relative ids with '/' separators.
-
-    Hidden names (leading '.') and Parquet/Spark bookkeeping (leading '_') are skipped.
-    """
-    if not fs.exists(root):
-        raise ValueError(f"input does not exist: {uri(fs, root)}")
-    if fs.isfile(root):
-        raise ValueError(f"input must be a folder or prefix, got a file: {uri(fs, root)}")
-    prefix = root.rstrip("/") + "/"
-    ids = []
-    for path in fs.find(root, withdirs=False):
-        rel = path[len(prefix) :] if path.startswith(prefix) else posixpath.basename(path)
-        rel = rel.replace(os.sep, "/")
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
-            continue
-        ids.append(rel)
-    return sorted(ids)
-
-
 def read_bytes(location: str, storage_options: dict[str, Any] | None = None, what: str = "") -> bytes:
     """The whole content of one file at a local path or URI; a missing or unreadable one is one ValueError line.
 
@@ -84,7 +60,7 @@ def read_bytes(location: str, storage_options: dict[str, Any] | None = None, wha
     except IsADirectoryError:
         raise ValueError(f"{label}: is a folder, expected a file") from None
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line naming the URI
-        raise ValueError(f"{label}: cannot read ({type(e).__name__}: {_one_line(e)})") from None
+        raise ValueError(f"{label}: cannot read ({type(e).__name__}: {one_line(e)})") from None
 
 
 def read_text(location: str, storage_options: dict[str, Any] | None = None, what: str = "") -> str:
@@ -102,7 +78,7 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
     return fs.exists(path)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
@@ -143,42 +119,4 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "rb") as f:
         return json.load(f)
 
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:06d}"
-
-
-def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, dict]:
-    """The commit markers of an output root: shard number -> its marker (counts)."""
-    marker_dir = join(output, schema.SHARDS_DIR)
-    if not fs.exists(marker_dir):
-        return {}
-    paths = [p for p in fs.ls(marker_dir, detail=False) if p.endswith(".json")]
-    with ThreadPoolExecutor(16) as pool:
-        markers = list(pool.map(lambda p: read_json(fs, p), paths))
-    return {int(m["shard"]): m for m in markers}
-
-
-def load_or_create_plan(
-    fs: fsspec.AbstractFileSystem, output: str, input_uri: str, image_ids: Sequence[str] | None, shard_size: int
-) -> list[list[str]]:
-    """The split of the input into shards, fixed by the first run and reused by every rerun.
-
-    A rerun that lists a different input would reshuffle shard membership and could duplicate or lose
-    rows, so the plan is stored with the output and a rerun over another input is refused.
-    """
-    path = join(output, schema.PLAN_FILE)
-    if fs.exists(path):
-        plan = read_json(fs, path)
-        if plan["input"] != input_uri:
-            raise ValueError(
-                f"{uri(fs, output)} holds the output of another input ({plan['input']}); "
-                "choose a new --output or the same --input"
-            )
-        return plan["shards"]
-    if image_ids is None:
-        raise ValueError("no plan yet and no listing given")
-    shards = [list(image_ids[i : i + shard_size]) for i in range(0, len(image_ids), shard_size)]
-    write_json_atomic(fs, path, {"input": input_uri, "shard_size": shard_size, "shards": shards})
-    return shards
 

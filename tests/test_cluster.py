@@ -21,6 +21,7 @@ import pytest
 import tomllib
 import yaml
 
+from raycap import listing as listing_module
 from raycap import schema, storage
 from raycap.modeldir import COMMIT, latest_checkpoint
 
@@ -142,7 +143,7 @@ def _s3_ids(uri: str, rows_dir: str, env: dict, listing: bool = False) -> list[s
     fs, root = storage.filesystem(uri, _options(env))
     fs.invalidate_cache()
     if listing:
-        return storage.list_files(fs, root)
+        return sorted(listing_module.iter_files(fs, root))
     return pq.read_table(storage.join(root, rows_dir), filesystem=fs, columns=[schema.IMAGE_ID])[
         schema.IMAGE_ID
     ].to_pylist()

@@ -96,7 +96,6 @@ def test_pipeline_end_to_end_with_every_path_on_s3(ray_session, s3_data, s3_serv
 
     assert os.listdir(workdir) == []
     written = _new_files(marker, [ray_temp, str(marker)])
-    Path("/tmp/e2e-written.txt").write_text("\n".join(written))
     assert not written, "written to local disk:\n" + "\n".join(written[:40])
 
 

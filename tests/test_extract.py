@@ -134,8 +134,8 @@ def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_syn
     assert extract(tiny_synth / "images", out, "--shard-size", "8") == 0
     first = {r[schema.IMAGE_ID]: r[schema.FEATURES] for r in _rows(out)[0]}
     # Simulate a crash mid-run: one shard lost its marker, another never wrote anything.
-    (out / schema.SHARDS_DIR / "shard-000001.json").unlink()
-    (out / schema.SHARDS_DIR / "shard-000003.json").unlink()
+    next((out / schema.SHARDS_DIR).glob("shard-000001.*.json")).unlink()
+    next((out / schema.SHARDS_DIR).glob("shard-000003.*.json")).unlink()
     (out / schema.FEATURES_DIR / "shard-000003.parquet").unlink()
     (out / schema.MANIFEST_FILE).unlink()
     assert extract(tiny_synth / "images", out) == 0  # the stored plan decides the shards, not the default
