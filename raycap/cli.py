@@ -267,14 +267,7 @@ def _summary(kind: str, manifest: dict[str, Any]) -> str:
 
 def _run_extract(a: argparse.Namespace) -> None:
     config = ExtractConfig(**_pipeline_kwargs(a), encoder_weights=a.encoder_weights, feature_dtype=a.feature_dtype)
-    config.validate()  # before importing torch and Ray: a mistake is reported in a second
-    if config.plan_only:
-        print(f"extract: {plan.plan_only(config)}")
-        return
-    from raycap import extract
-
-    init_ray(config.address)
-    print(_summary("extract", extract.run(config)))
+    _run_pipeline("extract", config)
 
 
 def _run_caption(a: argparse.Namespace) -> None:
@@ -285,14 +278,20 @@ def _run_caption(a: argparse.Namespace) -> None:
         max_length=a.max_length,
         length_penalty=a.length_penalty,
     )
-    config.validate()  # before importing torch and Ray: a mistake is reported in a second
-    if config.plan_only:
-        print(f"caption: {plan.plan_only(config)}")
-        return
-    from raycap import caption
+    _run_pipeline("caption", config)
 
+
+def _run_pipeline(kind: str, config: ExtractConfig | CaptionConfig) -> None:
+    """Validate before importing torch and Ray (a mistake is reported in a second), plan only, or run the job."""
+    config.validate()
+    if config.plan_only:
+        print(f"{kind}: {plan.plan_only(config)}")
+        return
+    import importlib
+
+    job = importlib.import_module(f"raycap.{kind}")
     init_ray(config.address)
-    print(_summary("caption", caption.run(config)))
+    print(_summary(kind, job.run(config)))
 
 
 def _run_train(a: argparse.Namespace) -> None:
