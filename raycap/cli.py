@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "synth", parents=[common], help="write the synthetic shapes benchmark (images, captions, objects, splits)"
     )
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder or s3:// prefix to write the benchmark to")
     p.add_argument("--num-images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage-options", help="JSON of extra s3fs/fsspec options, e.g. '{\"anon\": true}'")
 
     p = sub.add_parser("extract", parents=[common], help="images -> InceptionV3 feature Parquet shards")
     _add_pipeline(p)
@@ -320,7 +321,7 @@ def _run_synth(a: argparse.Namespace) -> None:
 
     if a.num_images < 1:
         raise ValueError("--num-images must be >= 1")
-    summary = synth.generate(a.output, a.num_images, a.seed)
+    summary = synth.generate(a.output, a.num_images, a.seed, parse_storage_options(a.storage_options))
     print(f"synth: {a.num_images} images -> {a.output} ({json.dumps(summary, default=str)[:200]})")
 
 

@@ -138,8 +138,8 @@ def plan_actors(
         # One CPU per GPU actor feeds it; half a CPU on nodes with fewer (a GPU node with 1 vCPU).
         candidates = [(1.0, 1, 1.0), (0.5, 1, 0.5), (0.5, 1, 0.25)]
     else:
-        # CPU only: single-threaded actors use the cores better than one multi-threaded actor (measured here:
-        # 2 x 1 thread = 11.8 images/s, 1 x 2 threads = 9.9), up to 8 threads per actor on large nodes. Each
+        # CPU only: single-threaded actors use the cores better than one multi-threaded actor (figures in
+        # docs/operations.md, "Pipeline throughput"), up to 8 threads per actor on large nodes. Each
         # actor reserves 3/4 of its CPUs so decode tasks (~5% of the model's CPU time) find room; where a node
         # is too small for that, decode tasks reserve less.
         largest = max((s.cpus for s in shapes if _slots(s, 0.5, 0)), default=0.0)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+import fsspec
 import numpy as np
 from PIL import Image, ImageDraw
+
+from raycap import storage
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -146,12 +149,13 @@ def _splits(names: list[str], seed: int) -> dict[str, list[str]]:
     return {split: sorted(names[i] for i in order[a:b]) for split, (a, b) in cuts.items()}
 
 
-def _write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: object) -> None:
+    storage.write_bytes_atomic(fs, path, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
 
 
-def generate(output: str | os.PathLike[str], num_images: int = 2000, seed: int = 0) -> dict:
-    """Write the benchmark to local folder ``output``; the same seed gives byte-identical files.
+def generate(output: str | os.PathLike[str], num_images: int = 2000, seed: int = 0, storage_options: dict | None = None
+             ) -> dict:
+    """Write the benchmark to ``output`` (a folder or URI); the same seed gives byte-identical files.
 
     Image ``i`` draws from its own seed ``SeedSequence(seed, spawn_key=(0, i))``, so it is the same
     whatever ``num_images`` is. Earlier ``img_*.jpg`` files beyond this run's count are removed, so
@@ -159,37 +163,40 @@ def generate(output: str | os.PathLike[str], num_images: int = 2000, seed: int =
     """
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
-    root = Path(output)
-    image_dir = root / IMAGES_DIR
-    image_dir.mkdir(parents=True, exist_ok=True)
-
+    fs, root = storage.filesystem(os.fspath(output), storage_options)
+    image_dir = storage.join(root, IMAGES_DIR)
     names = [file_name(i) for i in range(num_images)]
     images, annotations, objects_by_name = [], [], {}
     for i, name in enumerate(names):
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, i)))
         image, objects = _draw_image(rng)
         quality = int(rng.integers(_QUALITY[0], _QUALITY[1] + 1))
-        image.save(image_dir / name, "JPEG", quality=quality)
+        jpeg = io.BytesIO()
+        image.save(jpeg, "JPEG", quality=quality)
+        storage.write_bytes_atomic(fs, storage.join(image_dir, name), jpeg.getvalue())
         images.append({"id": i, "file_name": name, "width": image.width, "height": image.height})
         for caption in _captions(objects, rng):
             annotations.append({"id": len(annotations), "image_id": i, "caption": caption})
         objects_by_name[name] = [{**asdict(o), "box": list(o.box)} for o in objects]
 
     keep = set(names)
-    for stale in image_dir.iterdir():
-        if _FILE_NAME.fullmatch(stale.name) and stale.name not in keep:
-            stale.unlink()
+    for stale in fs.ls(image_dir, detail=False):
+        name = stale.rsplit("/", 1)[-1]
+        if _FILE_NAME.fullmatch(name) and name not in keep:
+            fs.rm_file(stale)
 
     splits = _splits(names, seed)
-    _write_json(root / CAPTIONS_FILE, {"images": images, "annotations": annotations})
-    _write_json(root / OBJECTS_FILE, objects_by_name)
-    _write_json(root / SPLITS_FILE, splits)
+    _write_json(fs, storage.join(root, CAPTIONS_FILE), {"images": images, "annotations": annotations})
+    _write_json(fs, storage.join(root, OBJECTS_FILE), objects_by_name)
+    _write_json(fs, storage.join(root, SPLITS_FILE), splits)
+    root = storage.uri(fs, root)
+    image_dir = storage.join(root, IMAGES_DIR)
     return {
-        "output": str(root),
-        "images_dir": str(image_dir),
-        "captions": str(root / CAPTIONS_FILE),
-        "objects": str(root / OBJECTS_FILE),
-        "splits": str(root / SPLITS_FILE),
+        "output": root,
+        "images_dir": image_dir,
+        "captions": storage.join(root, CAPTIONS_FILE),
+        "objects": storage.join(root, OBJECTS_FILE),
+        "splits": storage.join(root, SPLITS_FILE),
         "num_images": num_images,
         "num_captions": len(annotations),
         "split_sizes": {split: len(files) for split, files in splits.items()},

@@ -199,3 +199,15 @@ def test_rerun_with_fewer_images_removes_stale_files(tmp_path):
 def test_rejects_no_images(tmp_path):
     with pytest.raises(ValueError, match="num_images"):
         generate(tmp_path, num_images=0)
+
+
+def test_synth_writes_the_same_bytes_to_s3_as_to_a_folder(s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True)
+    fs.mkdir("synth-bucket")
+    synth.generate(str(tmp_path), num_images=3, seed=2)
+    summary = synth.generate("s3://synth-bucket/bench", num_images=3, seed=2, storage_options=s3_server)
+    assert summary["images_dir"] == "s3://synth-bucket/bench/images"
+    for name in ("captions.json", "splits.json", "images/img_000002.jpg"):
+        assert fs.cat_file(f"synth-bucket/bench/{name}") == (tmp_path / name).read_bytes()
