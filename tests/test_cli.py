@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from raycap import cli
+from raycap import cli, session
 from tests.helpers import write_predictions, write_references
 
 CAPTIONS = {"a.png": ["a red circle on the left"], "b.png": ["a blue square on the top"]}
@@ -23,7 +23,7 @@ def environment(monkeypatch):
     botocore would spend ~10 s asking the EC2 metadata endpoint for a region before the first S3 call.
     """
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in [cli.VERBOSE_ENV, *cli.QUIET_RAY_ENV]:
+    for name in [cli.VERBOSE_ENV, *session.QUIET_RAY_ENV]:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -166,10 +166,10 @@ def test_evaluate_show_and_report_read_and_write_s3(s3_server, data: Path, monke
 def test_quiet_by_default_and_verbose_on_request(monkeypatch, capsys) -> None:
     handler = logging.StreamHandler()
     monkeypatch.setattr(logging.getLogger("ray"), "handlers", [handler])
-    cli.quiet_ray()
+    session.quiet_ray()
     assert handler.level == logging.ERROR  # Ray's INFO and WARNING lines stay off the console
-    assert Path(cli.QUIET_RAY_ENV["RAY_DATA_LOGGING_CONFIG"]).is_file()
-    for name, value in cli.QUIET_RAY_ENV.items():
+    assert Path(session.QUIET_RAY_ENV["RAY_DATA_LOGGING_CONFIG"]).is_file()
+    for name, value in session.QUIET_RAY_ENV.items():
         assert cli.os.environ[name] == value
         monkeypatch.delenv(name)
     loud = logging.StreamHandler()
@@ -178,6 +178,6 @@ def test_quiet_by_default_and_verbose_on_request(monkeypatch, capsys) -> None:
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args([command, "--help"])
         assert "--verbose" in capsys.readouterr().out
-    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "synth": lambda a: cli.quiet_ray()})
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "synth": lambda a: session.quiet_ray()})
     assert cli.main(["synth", "--output", "unused", "--verbose"]) == 0
-    assert loud.level == logging.NOTSET and not any(name in cli.os.environ for name in cli.QUIET_RAY_ENV)
+    assert loud.level == logging.NOTSET and not any(name in cli.os.environ for name in session.QUIET_RAY_ENV)

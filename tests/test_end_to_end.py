@@ -21,9 +21,10 @@ from jobs import train as train_job
 from raycap import cli, schema
 from tests.helpers import extract
 
-# Written by Python and pytest themselves, not by raycap: bytecode of first imports, pytest's cache; and Ray's own
-# temp directories (this session's, and those of any other Ray on a developer's machine).
-_NOT_OURS = ("__pycache__", ".pytest_cache", "/session_", "/ray_current_cluster")
+# Written by others, not by raycap: Python's bytecode of first imports, pytest's cache, the JVM's performance
+# counters (pycocoevalcap runs Java's PTB tokenizer), and Ray's own temp directories (this session's, and those of
+# any other Ray on a developer's machine).
+_NOT_OURS = ("__pycache__", ".pytest_cache", "/hsperfdata_", "/session_", "/ray_current_cluster")
 
 
 def _new_files(since: Path, allowed: list[str]) -> list[str]:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raycap import pipeline, schema, shards
+from raycap import pipeline, plan, schema, shards
 
 
 class MeanModel(pipeline.ShardModel):
@@ -65,7 +65,7 @@ def test_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(folder
     assert errors[0]["stage"] == "read" and errors[0]["path"].endswith("gone.jpg")
     errors = pq.read_table(tmp_path / schema.ERRORS_DIR / "shard-000002.parquet").to_pylist()
     assert errors[0]["stage"] == "decode" and "not an image" in errors[0]["error"]
-    marker = json.loads((tmp_path / schema.SHARDS_DIR / "shard-000000.json").read_text())
+    marker = json.loads((tmp_path / schema.SHARDS_DIR / plan.marker_name(0, rows=2, errors=1)).read_text())
     assert marker["rows"] == 2 and marker["errors"] == 1 and marker["bytes"] > 0
 
 

@@ -191,5 +191,5 @@ def test_empty_or_unlistable_inputs_fail_with_one_line(ray_session, tmp_path, s3
     wrong = {**s3_server, "key": "wrong", "secret": "wrong"}
     code = extract("s3://raycap-test/in", tmp_path / "out2", "--storage-options", json.dumps(wrong))
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "cannot list s3://raycap-test/in" in err[0], err
+    assert code == 2 and len(err) == 1 and "s3://raycap-test/in" in err[0] and "Forbidden" in err[0], err
     assert not (tmp_path / "out2" / schema.SHARDS_DIR).exists()

@@ -1,0 +1,92 @@
+"""Ray start-up for the commands: an embedded Ray or a cluster that answers, and Ray's own logs kept quiet."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+from raycap.config import verbose
+
+# Set in the environment unless already there, when not verbose (see quiet_ray).
+QUIET_RAY_ENV = {
+    # Ray Data logs to the console at ERROR and to its session log file at every level.
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+    # Workers of an embedded Ray do not print deprecation notices of Ray's and torch's internals.
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    # Lines of workers that no log level reaches, dropped by the driver (Ray's log deduplicator reads this
+    # when ray is first imported): Ray Train's per-report line (its logger is named by file path, outside
+    # ray.train), the raylet's worker start-up notice, the core worker's note on actor constructor arguments.
+    "RAY_DEDUP_LOGS_SKIP_REGEX": r"Reporting training result \d+: TrainingReport"
+    r"|PYTHON worker processes have been started on node"
+    r"|has constructor arguments in the object store and max_restarts > 0",
+}
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own log lines out of the terminal unless --verbose or RAYCAP_VERBOSE=1; errors still show.
+
+    The one place raycap sets Ray's log levels: `main` calls it before any command imports Ray, and init_ray
+    before `ray.init`. Ray Data's and Ray Train's session log files keep every level. The environment variables
+    reach the processes of an embedded Ray; on a cluster they reach the driver (Ray Train's level is in its
+    RunConfig, which reaches every worker).
+    """
+    if verbose():
+        return
+    for name, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray's warnings about its own internals
+    for name in ("ray", "ray.data", "ray.train"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+                handler.setLevel(logging.ERROR)
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to `address` (or RAY_ADDRESS, as inside `ray job submit`), or start an embedded local Ray.
+
+    Ray's own rule for no address is to join the last cluster started on this machine, and to retry a
+    dead one for minutes; raycap starts its own instead. A given address that does not answer is one
+    line within seconds.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_ray()
+    if ray.is_initialized():
+        return
+    flag = "--address"
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address is None:
+        ray.init(address="local", log_to_driver=True, logging_level=logging.ERROR,  # no start-up chatter
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    else:
+        _check_reachable(address, flag)
+        ray.init(address=address, log_to_driver=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def _check_reachable(address: str, flag: str, timeout: float = 5.0) -> None:
+    """A ValueError line unless something listens at the address's GCS (or Ray client) port."""
+    target = address
+    if address == "auto":
+        from ray._private.services import find_bootstrap_address
+
+        target = find_bootstrap_address(None)
+        if target is None:
+            raise ValueError(f"{flag} auto: no Ray cluster was started on this machine (`ray start --head`)")
+    host, _, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{flag} {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [::1]:6379 too
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ValueError(f"{flag} {address}: no Ray cluster answers at {host}:{port} ({reason}); start one with "
+                         "`ray start --head`, or leave --address out for an embedded Ray") from None
