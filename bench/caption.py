@@ -28,8 +28,9 @@ from raycap.text import Vocabulary
 
 def _command(*args: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "raycap.cli", *args], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "raycap.cli", *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - started
 
 
@@ -61,10 +62,28 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = os.path.join(args.workdir, "model")
     write_model_dir(model_dir, model, vocab, {"encoder_weights": "random", "feature_dtype": "float16"})
     run = str(int(time.time()))
-    extract_s = _command("extract", "--input", images, "--output", os.path.join(args.workdir, "features-" + run),
-                         "--encoder-weights", "random")
-    caption_s = _command("caption", "--input", images, "--output", os.path.join(args.workdir, "captions-" + run),
-                         "--model", model_dir, "--beam-size", "3", "--max-length", str(args.max_length))
+    extract_s = _command(
+        "extract",
+        "--input",
+        images,
+        "--output",
+        os.path.join(args.workdir, "features-" + run),
+        "--encoder-weights",
+        "random",
+    )
+    caption_s = _command(
+        "caption",
+        "--input",
+        images,
+        "--output",
+        os.path.join(args.workdir, "captions-" + run),
+        "--model",
+        model_dir,
+        "--beam-size",
+        "3",
+        "--max-length",
+        str(args.max_length),
+    )
     paths = sorted(os.path.join(images, p) for p in os.listdir(images))[: args.loop_images]
     loop = per_image_loop(paths, model, vocab, args.max_length)
     n = len(os.listdir(images))

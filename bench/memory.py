@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(os.path.join(data, synth.CAPTIONS_FILE)):
         synth.generate(data, args.images, seed=5)
     ray.init(num_cpus=2, include_dashboard=False)
-    config = ExtractConfig(input=os.path.join(data, synth.IMAGES_DIR),
-                           output=os.path.join(args.workdir, f"features-{int(time.time())}"), encoder_weights="random")
+    config = ExtractConfig(
+        input=os.path.join(data, synth.IMAGES_DIR),
+        output=os.path.join(args.workdir, f"features-{int(time.time())}"),
+        encoder_weights="random",
+    )
     sampler = StoreSampler()
     sampler.start()
     started = time.perf_counter()
@@ -63,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     bound = store * float(os.environ.get("RAY_DATA_OBJECT_STORE_MEMORY_LIMIT_FRACTION", 0.5))
     estimate = manifest["resources"]["inflight_bytes"]
     mib = 1024 * 1024
-    print(f"extracted {manifest['rows']} rows in {seconds:.0f}s ({manifest['images_per_second']} images/s), "
-          f"{manifest['shards']} shards of {manifest['shard_size']}")
-    print(f"object store: peak {sampler.peak_used / mib:.0f} MiB of {store / mib:.0f} MiB, "
-          f"spilled {sampler.spilled / mib:.0f} MiB; bound (Ray Data's budget) {bound / mib:.0f} MiB; "
-          f"working-set estimate {estimate / mib:.0f} MiB (peak / estimate = {sampler.peak_used / estimate:.2f})")
+    print(
+        f"extracted {manifest['rows']} rows in {seconds:.0f}s ({manifest['images_per_second']} images/s), "
+        f"{manifest['shards']} shards of {manifest['shard_size']}"
+    )
+    print(
+        f"object store: peak {sampler.peak_used / mib:.0f} MiB of {store / mib:.0f} MiB, "
+        f"spilled {sampler.spilled / mib:.0f} MiB; bound (Ray Data's budget) {bound / mib:.0f} MiB; "
+        f"working-set estimate {estimate / mib:.0f} MiB (peak / estimate = {sampler.peak_used / estimate:.2f})"
+    )
     ok = sampler.peak_used <= bound and sampler.spilled == 0
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         return len(caps)
 
     rates = {}
-    for name, step in (("tutorial-style", tutorial), ("raycap", ours), ("tutorial-style ", tutorial),
-                       ("raycap ", ours)):
+    for name, step in (
+        ("tutorial-style", tutorial),
+        ("raycap", ours),
+        ("tutorial-style ", tutorial),
+        ("raycap ", ours),
+    ):
         step()  # warm-up
         started, samples = time.perf_counter(), 0
         for _ in range(args.steps):

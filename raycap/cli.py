@@ -29,7 +29,6 @@ from raycap.session import init_ray, quiet_ray
 TRAIN_NUMBERS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "int | None")]
 
 
-
 def _actors(text: str) -> tuple[int, int]:
     try:
         lo, _, hi = text.partition(":")
@@ -77,8 +76,11 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-errors", type=int, help="fail once more images than this are unreadable")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images undecoded")
     p.add_argument("--plan-only", action="store_true", help="list the input, write the plan, print its size, exit")
-    p.add_argument("--incremental", action="store_true",
-                   help="on a rerun, relist the input and plan new shards for the files added since")
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="on a rerun, relist the input and plan new shards for the files added since",
+    )
     _add_ray(p)
 
 

@@ -153,8 +153,12 @@ class TrainConfig:
             raise ValueError("--attention-penalty must be >= 0")
         if self.cache_gb < 0:
             raise ValueError("--cache-gb must be >= 0")
-        require_exists(storage.join(self.features, schema.FEATURES_DIR), "--features", self.storage_options,
-                       f"--features {self.features} has no {schema.FEATURES_DIR}/ (run `raycap extract` first)")
+        require_exists(
+            storage.join(self.features, schema.FEATURES_DIR),
+            "--features",
+            self.storage_options,
+            f"--features {self.features} has no {schema.FEATURES_DIR}/ (run `raycap extract` first)",
+        )
         require_exists(self.captions, "--captions", self.storage_options)
         if self.split_file:
             require_exists(self.split_file, "--split-file", self.storage_options)

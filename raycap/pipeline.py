@@ -57,8 +57,19 @@ class ShardJob:
         return cls(**shared, **job)
 
 
-_SHARED_SETTINGS = ("input", "output", "shard_size", "batch_size", "decode", "max_pixels", "max_errors", "actors",
-                    "gpus_per_actor", "storage_options", "incremental")
+_SHARED_SETTINGS = (
+    "input",
+    "output",
+    "shard_size",
+    "batch_size",
+    "decode",
+    "max_pixels",
+    "max_errors",
+    "actors",
+    "gpus_per_actor",
+    "storage_options",
+    "incremental",
+)
 CPU_BATCH = 16  # images per forward on a CPU: larger batches gain nothing there and hold more memory
 GPU_BATCH = 128  # images per forward on a GPU: enough to keep it busy in bf16
 
@@ -73,8 +84,9 @@ class ShardModel:
 
     device: Any = "cpu"  # where predict runs; encoded shards are decoded there
 
-    def __init__(self, batch_size: int = CPU_BATCH, threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, batch_size: int = CPU_BATCH, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         if threads:
             import torch
 
@@ -104,8 +116,9 @@ class ShardModel:
 _SHARD_BLOCK_BYTES = 1024  # target block size of the job's Dataset: every shard row (one per batch) is a block
 
 
-def decode_shards(batch: pa.Table, input_root: str, storage_options: dict, max_pixels: int,
-                  decode: str = "cpu") -> pa.Table:
+def decode_shards(
+    batch: pa.Table, input_root: str, storage_options: dict, max_pixels: int, decode: str = "cpu"
+) -> pa.Table:
     """CPU task: read every file of each shard and decode it (decode="cpu") or pass its bytes on to the model
     (decode="device"); a file that fails becomes an error row."""
     fs, root = storage.filesystem(input_root, storage_options)
@@ -137,10 +150,15 @@ def decode_shards(batch: pa.Table, input_root: str, storage_options: dict, max_p
         n = len(meta[schema.IMAGE_ID])
         if pixels is not None:
             del meta[shards.DATA]
-        table = pa.table(meta, schema=shards.META_SCHEMA if pixels is not None
-                         else shards.META_SCHEMA.append(pa.field(shards.DATA, pa.large_binary())))
-        out.append(shards.Shard(shard, table, shards.error_table(*errors),
-                                pixels=pixels[:n] if pixels is not None else None))
+        table = pa.table(
+            meta,
+            schema=shards.META_SCHEMA
+            if pixels is not None
+            else shards.META_SCHEMA.append(pa.field(shards.DATA, pa.large_binary())),
+        )
+        out.append(
+            shards.Shard(shard, table, shards.error_table(*errors), pixels=pixels[:n] if pixels is not None else None)
+        )
     return shards.pack(out)
 
 
@@ -153,11 +171,13 @@ def write_shards(batch: pa.Table, output: str, rows_dir: str, storage_options: d
         rows = shard.rows.num_rows if shard.rows is not None else 0
         written = 0
         if rows:
-            written += storage.write_parquet_atomic(fs, storage.join(root, rows_dir, f"{name}.parquet"), shard.rows,
-                                                    compression)
+            written += storage.write_parquet_atomic(
+                fs, storage.join(root, rows_dir, f"{name}.parquet"), shard.rows, compression
+            )
         if len(shard.errors):
-            written += storage.write_parquet_atomic(fs, storage.join(root, schema.ERRORS_DIR, f"{name}.parquet"),
-                                                    shard.errors, "zstd")
+            written += storage.write_parquet_atomic(
+                fs, storage.join(root, schema.ERRORS_DIR, f"{name}.parquet"), shard.errors, "zstd"
+            )
         marker = {"shard": shard.shard, "rows": rows, "errors": len(shard.errors), "bytes": written}
         marker_path = storage.join(root, schema.SHARDS_DIR, plan.marker_name(shard.shard, rows, len(shard.errors)))
         storage.write_json_atomic(fs, marker_path, marker)
@@ -185,8 +205,9 @@ def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
 def plan_resources(job: ShardJob) -> dict[str, Any]:
     """Actor pool size, GPUs, CPUs and threads per actor, CPUs per decode/write task, planned per node
     (raycap.resources); a job no node shape can run raises Unschedulable (one line) before anything starts."""
-    res = resources.plan_actors(resources.node_shapes(), job.gpus_per_actor, job.actors,
-                                alive=resources.node_shapes(autoscaler=False))
+    res = resources.plan_actors(
+        resources.node_shapes(), job.gpus_per_actor, job.actors, alive=resources.node_shapes(autoscaler=False)
+    )
     # GPU actors: two shards in flight, the next one is fetched while this one runs. CPU actors: one, since a
     # shard takes many seconds there; a free actor takes the next one and none sits on a queue at the end.
     return {**res, "in_flight": 2 if res["num_gpus"] else 1}
@@ -198,8 +219,10 @@ def settle_resources(job: ShardJob, planned: dict[str, Any]) -> dict[str, Any]:
     gpu = planned["num_gpus"] > 0
     if job.decode not in ("cpu", "device", "auto"):
         raise ValueError(f"--decode must be cpu, device or auto, got {job.decode!r}")
-    settled = {"batch_size": job.batch_size or (GPU_BATCH if gpu else CPU_BATCH),
-               "decode": "device" if job.decode == "device" or (job.decode == "auto" and gpu) else "cpu"}
+    settled = {
+        "batch_size": job.batch_size or (GPU_BATCH if gpu else CPU_BATCH),
+        "decode": "device" if job.decode == "device" or (job.decode == "auto" and gpu) else "cpu",
+    }
     if job.actor_cpus is not None:
         settled["actor_cpus"] = job.actor_cpus
     if job.decode_cpus is not None:
@@ -220,13 +243,16 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     input_uri = storage.uri(in_fs, in_root)
     res = plan_resources(job)
     res |= settle_resources(job, res)
-    shard_plan = plan.prepare(in_fs, in_root, out_fs, out_root, job.shard_size, res["actors"][1], job.incremental,
-                              progress)
+    shard_plan = plan.prepare(
+        in_fs, in_root, out_fs, out_root, job.shard_size, res["actors"][1], job.incremental, progress
+    )
     done = plan.finished_shards(out_fs, out_root)
     parts = plan.pending_parts(shard_plan, done)
     pending = sum(len(p["pending"]) for p in parts)
-    progress(f"{input_uri}: {shard_plan.files} files in {shard_plan.shards} shards, {len(done)} already finished"
-             + ("" if pending else ": nothing to do"))
+    progress(
+        f"{input_uri}: {shard_plan.files} files in {shard_plan.shards} shards, {len(done)} already finished"
+        + ("" if pending else ": nothing to do")
+    )
     errors_so_far = sum(e for _, e in done.values())
     inflight = inflight_bytes(shard_plan.shard_size, res["actors"][1], job.row_bytes)
     finished_before = set(done)
@@ -236,21 +262,54 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         block_bytes, context.target_max_block_size = context.target_max_block_size, _SHARD_BLOCK_BYTES
         ds = ray.data.from_items(parts, override_num_blocks=len(parts))
         # Fewer CPUs than decoding, so the two are not fused: each shard is a block and gets its own decode task.
-        ds = ds.map_batches(plan.expand_parts, batch_size=1, batch_format="pyarrow", num_cpus=0.1,
-                            fn_kwargs={"output": job.output, "storage_options": job.storage_options})
-        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="pyarrow", num_cpus=res["decode_cpus"],
-                            fn_kwargs={"input_root": job.input, "storage_options": job.storage_options,
-                                       "max_pixels": job.max_pixels, "decode": res["decode"]})
+        ds = ds.map_batches(
+            plan.expand_parts,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=0.1,
+            fn_kwargs={"output": job.output, "storage_options": job.storage_options},
+        )
+        ds = ds.map_batches(
+            decode_shards,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=res["decode_cpus"],
+            fn_kwargs={
+                "input_root": job.input,
+                "storage_options": job.storage_options,
+                "max_pixels": job.max_pixels,
+                "decode": res["decode"],
+            },
+        )
         min_actors, max_actors = res["actors"]
-        ds = ds.map_batches(job.model_cls, batch_size=1, batch_format="pyarrow",
-                            fn_constructor_kwargs={**job.model_kwargs, "threads": res["threads"],
-                                                   "batch_size": res["batch_size"], "max_pixels": job.max_pixels},
-                            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
-                                                               max_tasks_in_flight_per_actor=res["in_flight"]),
-                            num_gpus=res["num_gpus"], num_cpus=res["actor_cpus"])
-        ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=res["write_cpus"],
-                            fn_kwargs={"output": job.output, "rows_dir": job.rows_dir,
-                                       "storage_options": job.storage_options, "compression": job.compression})
+        ds = ds.map_batches(
+            job.model_cls,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_constructor_kwargs={
+                **job.model_kwargs,
+                "threads": res["threads"],
+                "batch_size": res["batch_size"],
+                "max_pixels": job.max_pixels,
+            },
+            compute=ray.data.ActorPoolStrategy(
+                min_size=min_actors, max_size=max_actors, max_tasks_in_flight_per_actor=res["in_flight"]
+            ),
+            num_gpus=res["num_gpus"],
+            num_cpus=res["actor_cpus"],
+        )
+        ds = ds.map_batches(
+            write_shards,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=res["write_cpus"],
+            fn_kwargs={
+                "output": job.output,
+                "rows_dir": job.rows_dir,
+                "storage_options": job.storage_options,
+                "compression": job.compression,
+            },
+        )
         context.target_max_block_size = block_bytes  # the Dataset keeps the context it was built with
         for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):
             rows, errors = int(marker["rows"]), int(marker["errors"])
@@ -276,15 +335,16 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         "increments": shard_plan.increments,
         "seconds": round(elapsed, 2),
         "images_per_second": round(processed / elapsed, 2) if elapsed > 0 else None,
-        "resources": {k: v for k, v in res.items() if k != "actors"} | {"actors": list(res["actors"]),
-                                                                        "inflight_bytes": inflight},
+        "resources": {k: v for k, v in res.items() if k != "actors"}
+        | {"actors": list(res["actors"]), "inflight_bytes": inflight},
         "versions": _versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **job.manifest,
     }
     if manifest["rows"] + manifest["errors"] != shard_plan.files:
-        raise RuntimeError(f"accounting error: {manifest['rows']} rows + {manifest['errors']} errors "
-                           f"!= {shard_plan.files}")
+        raise RuntimeError(
+            f"accounting error: {manifest['rows']} rows + {manifest['errors']} errors != {shard_plan.files}"
+        )
     storage.write_json_atomic(out_fs, storage.join(out_root, schema.MANIFEST_FILE), manifest)
     return manifest
 
@@ -296,6 +356,12 @@ def _versions() -> dict[str, str]:
 
     from raycap import __version__
 
-    return {"raycap": __version__, "ray": ray.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "pyarrow": pa.__version__, "pillow": PIL.__version__,
-            "python": os.sys.version.split()[0]}
+    return {
+        "raycap": __version__,
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pyarrow": pa.__version__,
+        "pillow": PIL.__version__,
+        "python": os.sys.version.split()[0],
+    }

@@ -62,8 +62,12 @@ def init_ray(address: str | None) -> None:
     if address is None and os.environ.get("RAY_ADDRESS"):
         address, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address is None:
-        ray.init(address="local", log_to_driver=True, logging_level=logging.ERROR,  # no start-up chatter
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+        ray.init(
+            address="local",
+            log_to_driver=True,
+            logging_level=logging.ERROR,  # no start-up chatter
+            runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+        )
     else:
         _check_reachable(address, flag)
         ray.init(address=address, log_to_driver=True)
@@ -88,5 +92,7 @@ def _check_reachable(address: str, flag: str, timeout: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [::1]:6379 too
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise ValueError(f"{flag} {address}: no Ray cluster answers at {host}:{port} ({reason}); start one with "
-                         "`ray start --head`, or leave --address out for an embedded Ray") from None
+        raise ValueError(
+            f"{flag} {address}: no Ray cluster answers at {host}:{port} ({reason}); start one with "
+            "`ray start --head`, or leave --address out for an embedded Ray"
+        ) from None

@@ -104,8 +104,12 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
 def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, compression: str) -> int:
     """Serialise `table` in memory and write it atomically; returns the bytes written."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression, use_dictionary=[c for c in table.column_names
-                   if not pa.types.is_fixed_size_binary(table.schema.field(c).type)])
+    pq.write_table(
+        table,
+        sink,
+        compression=compression,
+        use_dictionary=[c for c in table.column_names if not pa.types.is_fixed_size_binary(table.schema.field(c).type)],
+    )
     data = sink.getvalue()
     write_bytes_atomic(fs, path, data)
     return len(data)
@@ -118,5 +122,3 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> Non
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "rb") as f:
         return json.load(f)
-
-

@@ -153,8 +153,9 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: object) -> None:
     storage.write_bytes_atomic(fs, path, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
 
 
-def generate(output: str | os.PathLike[str], num_images: int = 2000, seed: int = 0, storage_options: dict | None = None
-             ) -> dict:
+def generate(
+    output: str | os.PathLike[str], num_images: int = 2000, seed: int = 0, storage_options: dict | None = None
+) -> dict:
     """Write the benchmark to ``output`` (a folder or URI); the same seed gives byte-identical files.
 
     Image ``i`` draws from its own seed ``SeedSequence(seed, spawn_key=(0, i))``, so it is the same

@@ -73,16 +73,26 @@ def main(images: str, output: str) -> int:
     report = {"too_small": too_small(cluster, images, f"{output}/too-small")}
     cluster.add_node(num_cpus=1)  # the worker that stays
     features = f"{output}/features"
-    report["extract"] = run_losing_a_node(cluster, lambda: extract.run(ExtractConfig(
-        input=images, output=features, encoder_weights="random", shard_size=4)), features)
+    report["extract"] = run_losing_a_node(
+        cluster,
+        lambda: extract.run(ExtractConfig(input=images, output=features, encoder_weights="random", shard_size=4)),
+        features,
+    )
     torch.manual_seed(0)  # an untrained captioner: node loss does not care what it says
     vocab = Vocabulary.build(["a red circle on the left and a blue square on the right"])
     model_dir = f"{output}/model"  # read by every caption actor, on whichever node it lands
-    write_model_dir(model_dir, Captioner(ModelConfig(vocab_size=len(vocab))), vocab,
-                    {"encoder_weights": "random", "feature_dtype": "float16"})
+    write_model_dir(
+        model_dir,
+        Captioner(ModelConfig(vocab_size=len(vocab))),
+        vocab,
+        {"encoder_weights": "random", "feature_dtype": "float16"},
+    )
     captions = f"{output}/captions"
-    report["caption"] = run_losing_a_node(cluster, lambda: caption.run(CaptionConfig(
-        input=images, output=captions, model=model_dir, shard_size=4, max_length=5)), captions)
+    report["caption"] = run_losing_a_node(
+        cluster,
+        lambda: caption.run(CaptionConfig(input=images, output=captions, model=model_dir, shard_size=4, max_length=5)),
+        captions,
+    )
     print("RESULT " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()

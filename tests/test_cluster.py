@@ -107,10 +107,24 @@ def _submit(port: str, env: dict, aws: dict, script: str, *args: str) -> subproc
 
     The S3 endpoint and credentials travel in the runtime environment (`aws`), as docs/operations.md shows
     for data outside the instance profile's reach; the head itself was started without them."""
-    runtime_env = json.dumps({"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"],
-                              "env_vars": aws})
-    command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(ROOT),
-               "--runtime-env-json", runtime_env, "--", sys.executable, script, *args]
+    runtime_env = json.dumps(
+        {"excludes": [".venv", ".git", "demo-output", "bench-output", "*.egg-info"], "env_vars": aws}
+    )
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        f"http://127.0.0.1:{port}",
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        runtime_env,
+        "--",
+        sys.executable,
+        script,
+        *args,
+    ]
     for _ in range(10):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
         if "No available agent to submit job" not in done.stderr:
@@ -127,15 +141,22 @@ def s3_images(tiny_synth, s3_server):
     fs.put(str(tiny_synth / "images"), "cluster/images", recursive=True)
     for name in ("captions.json", "splits.json"):
         fs.put_file(str(tiny_synth / name), f"cluster/{name}")
-    env = {"AWS_ENDPOINT_URL": s3_server["client_kwargs"]["endpoint_url"], "AWS_ACCESS_KEY_ID": s3_server["key"],
-           "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": s3_server["client_kwargs"]["endpoint_url"],
+        "AWS_ACCESS_KEY_ID": s3_server["key"],
+        "AWS_SECRET_ACCESS_KEY": s3_server["secret"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     return "s3://cluster/images", env
 
 
 def _options(env: dict) -> dict:
     """s3fs options for the endpoint and credentials in AWS_* variables."""
-    return {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
-            "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}}
+    return {
+        "key": env["AWS_ACCESS_KEY_ID"],
+        "secret": env["AWS_SECRET_ACCESS_KEY"],
+        "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]},
+    }
 
 
 def _s3_ids(uri: str, rows_dir: str, env: dict, listing: bool = False) -> list[str]:
@@ -191,23 +212,53 @@ def test_job_submit_with_token_auth(s3_images, tmp_path):
     )
     try:
         features, model, captions = (f"s3://cluster/submit/{name}" for name in ("features", "model", "captions"))
-        done = _submit(port, env, aws, "jobs/extract.py", "--input", images, "--output", features,
-                       "--encoder-weights", "random")
+        done = _submit(
+            port, env, aws, "jobs/extract.py", "--input", images, "--output", features, "--encoder-weights", "random"
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "extract: 40 rows, 0 errors" in done.stdout and f"-> {features}" in done.stdout
         assert sorted(_s3_ids(features, schema.FEATURES_DIR, aws)) == sorted(_s3_ids(images, "", aws, listing=True))
         # The doc's step 5 at the smallest size: one epoch, batches of 8.
-        done = _submit(port, env, aws, "jobs/train.py", "--features", features, "--captions",
-                       "s3://cluster/captions.json", "--split-file", "s3://cluster/splits.json", "--output", model,
-                       "--workers", "2", "--epochs", "1", "--batch-size", "8")
+        done = _submit(
+            port,
+            env,
+            aws,
+            "jobs/train.py",
+            "--features",
+            features,
+            "--captions",
+            "s3://cluster/captions.json",
+            "--split-file",
+            "s3://cluster/splits.json",
+            "--output",
+            model,
+            "--workers",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "train: {" in done.stdout and f"-> {model}" in done.stdout
         fs, _ = storage.filesystem(model, _options(aws))
         fs.invalidate_cache()
         commit = json.loads(fs.cat_file(f"cluster/submit/model/{COMMIT}"))
         assert latest_checkpoint(f"{model}{RUNS_SUFFIX}", _options(aws)).startswith(f"{model}{RUNS_SUFFIX}/")
-        done = _submit(port, env, aws, "jobs/caption.py", "--input", images, "--model", model, "--output", captions,
-                       "--max-length", "5")
+        done = _submit(
+            port,
+            env,
+            aws,
+            "jobs/caption.py",
+            "--input",
+            images,
+            "--model",
+            model,
+            "--output",
+            captions,
+            "--max-length",
+            "5",
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "caption: 40 rows, 0 errors" in done.stdout
         manifest = json.loads(fs.cat_file(f"cluster/submit/captions/{schema.MANIFEST_FILE}"))
@@ -241,7 +292,11 @@ def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "multinode_pipeline.py"), images, "s3://cluster/multinode"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -261,8 +316,14 @@ def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node
 
 def _raycap(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "raycap.cli", *args], env={**base, **(env or {})}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "raycap.cli", *args],
+        env={**base, **(env or {})},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_a_dead_address_fails_within_seconds_with_one_line(tiny_synth, tmp_path):
@@ -270,8 +331,17 @@ def test_a_dead_address_fails_within_seconds_with_one_line(tiny_synth, tmp_path)
 
     closed = _free_port()  # nothing listens there once the probe socket is closed
     started = time.monotonic()
-    done = _raycap("extract", "--input", str(tiny_synth / "images"), "--output", str(tmp_path / "out"),
-                   "--encoder-weights", "random", "--address", f"127.0.0.1:{closed}")
+    done = _raycap(
+        "extract",
+        "--input",
+        str(tiny_synth / "images"),
+        "--output",
+        str(tmp_path / "out"),
+        "--encoder-weights",
+        "random",
+        "--address",
+        f"127.0.0.1:{closed}",
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"raycap extract: error: --address 127.0.0.1:{closed}: no Ray cluster answers at 127.0.0.1:{closed} "
         "(Connection refused); start one with `ray start --head`, or leave --address out for an embedded Ray"
@@ -291,11 +361,18 @@ def test_without_an_address_raycap_starts_its_own_ray_even_where_a_dead_cluster_
     try:
         dead = f"127.0.0.1:{_free_port()}"
         (temp / "ray_current_cluster").write_text(dead)
-        code = ("from raycap.cli import init_ray; import ray; init_ray(None); "
-                "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
-        done = subprocess.run([sys.executable, "-c", code], env={
-            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)},
-            cwd=ROOT, capture_output=True, text=True, timeout=180)
+        code = (
+            "from raycap.cli import init_ray; import ray; init_ray(None); "
+            "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         gcs = next(line for line in done.stdout.splitlines() if line.startswith("GCS "))[4:]
         assert gcs and gcs != dead

@@ -30,9 +30,33 @@ _NOT_OURS = ("__pycache__", ".pytest_cache", "/hsperfdata_", "/session_", "/ray_
 def _new_files(since: Path, allowed: list[str]) -> list[str]:
     """Regular files on local disk modified after `since`, outside `allowed` folders and Python's own caches."""
     found = subprocess.run(
-        ["find", "/", "(", "-path", "/proc", "-o", "-path", "/sys", "-o", "-path", "/dev", "-o", "-path", "/run", ")",
-         "-prune", "-o", "-type", "f", "-newer", str(since), "-print"],
-        capture_output=True, text=True, check=False,
+        [
+            "find",
+            "/",
+            "(",
+            "-path",
+            "/proc",
+            "-o",
+            "-path",
+            "/sys",
+            "-o",
+            "-path",
+            "/dev",
+            "-o",
+            "-path",
+            "/run",
+            ")",
+            "-prune",
+            "-o",
+            "-type",
+            "f",
+            "-newer",
+            str(since),
+            "-print",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.splitlines()
     return [f for f in found if not any(part in f for part in _NOT_OURS) and not f.startswith(tuple(allowed))]
 
@@ -72,15 +96,33 @@ def test_pipeline_end_to_end_with_every_path_on_s3(ray_session, s3_data, s3_serv
     assert schema.features_to_numpy(table[schema.FEATURES]).shape == (40, 64, 2048)
 
     train = ["--features", features, "--captions", f"{data}/captions.json", "--split-file", f"{data}/splits.json"]
-    assert train_job.main([*train, "--output", model, "--epochs", "2", "--workers", "2", "--batch-size", "8",
-                           *options]) == 0
+    assert (
+        train_job.main([*train, "--output", model, "--epochs", "2", "--workers", "2", "--batch-size", "8", *options])
+        == 0
+    )
     history = [json.loads(line) for line in fs.cat_file(f"{model}/metrics.jsonl").decode().splitlines()]
     assert [m["epoch"] for m in history] == [0, 1]
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert {"val_loss", "val_bleu4", "val_cider", "samples_per_second"} <= set(history[-1])
 
-    assert caption_job.main(["--input", f"{data}/images", "--output", out, "--model", model, "--beam-size", "2",
-                             "--max-length", "12", *options]) == 0
+    assert (
+        caption_job.main(
+            [
+                "--input",
+                f"{data}/images",
+                "--output",
+                out,
+                "--model",
+                model,
+                "--beam-size",
+                "2",
+                "--max-length",
+                "12",
+                *options,
+            ]
+        )
+        == 0
+    )
     captions = pq.read_table(f"{out}/{schema.CAPTIONS_DIR}".removeprefix("s3://"), filesystem=fs).to_pylist()
     assert len(captions) == 40
     for row in captions:
@@ -89,8 +131,18 @@ def test_pipeline_end_to_end_with_every_path_on_s3(ray_session, s3_data, s3_serv
         assert all(abs(sum(a) - 1) < 0.02 for a in row[schema.ATTENTION])
         assert row[schema.SCORE] <= 0
 
-    evaluate = ["evaluate", "--predictions", out, "--references", f"{data}/captions.json",
-                "--objects", f"{data}/objects.json", "--output", f"{root}/metrics.json", *options]
+    evaluate = [
+        "evaluate",
+        "--predictions",
+        out,
+        "--references",
+        f"{data}/captions.json",
+        "--objects",
+        f"{data}/objects.json",
+        "--output",
+        f"{root}/metrics.json",
+        *options,
+    ]
     assert cli.main(evaluate) == 0
     metrics = json.loads(fs.cat_file(f"{root}/metrics.json"))
     assert metrics["images"] == 40 and 0 <= metrics["object_accuracy"] <= 1 and "CIDEr" in metrics

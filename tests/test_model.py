@@ -66,8 +66,6 @@ def test_image_index_encodes_each_image_once_for_all_its_captions():
     torch.testing.assert_close(shared, repeated)
 
 
-
-
 def test_greedy_stops_at_end_and_returns_attention_per_word():
     model = _model()
     with torch.no_grad():
