@@ -327,7 +327,7 @@ def _raycap(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
 
 
 def test_a_dead_address_fails_within_seconds_with_one_line(tiny_synth, tmp_path):
-    from raycap.cli import _check_reachable
+    from raycap.session import _check_reachable
 
     closed = _free_port()  # nothing listens there once the probe socket is closed
     started = time.monotonic()
@@ -362,7 +362,7 @@ def test_without_an_address_raycap_starts_its_own_ray_even_where_a_dead_cluster_
         dead = f"127.0.0.1:{_free_port()}"
         (temp / "ray_current_cluster").write_text(dead)
         code = (
-            "from raycap.cli import init_ray; import ray; init_ray(None); "
+            "from raycap.session import init_ray; import ray; init_ray(None); "
             "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()"
         )
         done = subprocess.run(
