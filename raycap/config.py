@@ -36,8 +36,7 @@ def require_exists(location: str, flag: str, storage_options: dict[str, Any] | N
     try:
         found = storage.exists(location, storage_options)
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line naming the URI
-        detail = " ".join(str(e).split())[:200]
-        raise ValueError(f"{flag} {location}: cannot read ({type(e).__name__}: {detail})") from None
+        raise ValueError(f"{flag} {location}: cannot read ({type(e).__name__}: {storage.one_line(e)})") from None
     if not found:
         raise ValueError(missing or f"{flag} does not exist: {location}")
 

@@ -46,7 +46,7 @@ def load_captions(
                 else pacsv.read_csv(pa.BufferReader(data))
             )
         except pa.ArrowInvalid as e:
-            raise ValueError(f"--captions {location} cannot be read as a table ({_one_line(e)})") from None
+            raise ValueError(f"--captions {location} cannot be read as a table ({storage.one_line(e)})") from None
         key = next((c for c in ("file_name", "image_id", "path") if c in table.column_names), None)
         if key is None or "caption" not in table.column_names:
             raise ValueError(f"--captions {location} needs columns (file_name | image_id | path, caption)")
@@ -77,10 +77,6 @@ def split_images(
     random.Random(seed).shuffle(ids)
     n_val = max(1, len(ids) // 20)
     return ids[n_val:], ids[:n_val]
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int = 512) -> tuple[np.ndarray, np.ndarray]:

@@ -120,9 +120,7 @@ def load_model_dir(
             "still being written, interrupted, or not written by `raycap train`)"
         ) from None
     except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: one line naming the URI
-        raise ValueError(
-            f"--model {location}: cannot read ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
-        ) from None
+        raise ValueError(f"--model {location}: cannot read ({type(e).__name__}: {storage.one_line(e)})") from None
     files = {}
     for name in (WEIGHTS, VOCAB, CONFIG):
         data = storage.read_bytes(storage.join(location, name), storage_options, "--model")

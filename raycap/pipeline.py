@@ -217,8 +217,6 @@ def settle_resources(job: ShardJob, planned: dict[str, Any]) -> dict[str, Any]:
     """What the job itself fixes on top of `plan_resources`: explicit CPU reservations, the batch size and where
     images are decoded, the last two by the actor's device."""
     gpu = planned["num_gpus"] > 0
-    if job.decode not in ("cpu", "device", "auto"):
-        raise ValueError(f"--decode must be cpu, device or auto, got {job.decode!r}")
     settled = {
         "batch_size": job.batch_size or (GPU_BATCH if gpu else CPU_BATCH),
         "decode": "device" if job.decode == "device" or (job.decode == "auto" and gpu) else "cpu",

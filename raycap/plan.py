@@ -213,15 +213,9 @@ def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, tup
     removed, so it is redone.
     """
     marker_dir = storage.join(output, schema.SHARDS_DIR)
-    if storage.is_local(fs):
-        names = os.listdir(marker_dir) if os.path.isdir(marker_dir) else []
-    else:
-        names = (
-            [posixpath.basename(p) for p in fs.ls(marker_dir, detail=False, refresh=True)]
-            if fs.exists(marker_dir)
-            else []
-        )
-        fs.invalidate_cache(marker_dir)
+    exists = fs.exists(marker_dir)
+    names = [posixpath.basename(p) for p in fs.ls(marker_dir, detail=False, refresh=True)] if exists else []
+    fs.invalidate_cache(marker_dir)
     found: dict[int, tuple[int, int]] = {}
     twice: dict[int, list[str]] = {}
     for name in names:
