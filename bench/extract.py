@@ -24,14 +24,12 @@ from cpumeter import CpuMeter  # bench/ is on sys.path when a bench runs as a sc
 from PIL import Image
 
 from raycap import pipeline, schema, synth
-from raycap.encoder import FeatureExtractor, _calibrate_random, _inception_trunk, cpu_description, preprocess
+from raycap.encoder import FeatureExtractor, _inception_trunk, cpu_description, preprocess
 
 
 def plain_loop(paths: list[str], batch_size: int = 32) -> tuple[float, float]:
     """The tutorial's way: decode + resize with PIL one by one, InceptionV3 in NCHW fp32, batch 32."""
-    trunk = _inception_trunk("random")
-    _calibrate_random(trunk)
-    trunk.eval()
+    trunk = _inception_trunk("random").eval()
     torch.set_num_threads(os.cpu_count() or 1)
     started, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
@@ -50,9 +48,7 @@ def model_only(batches: int = 3, batch_size: int = pipeline.CPU_BATCH) -> tuple[
     model side can win on this CPU; the pipeline's job is to come close to it. Also ours' CPU s per image."""
     torch.set_num_threads(os.cpu_count() or 1)
     pixels = torch.randint(0, 256, (batch_size, 299, 299, 3), dtype=torch.uint8)
-    plain = _inception_trunk("random")
-    _calibrate_random(plain)
-    plain.eval()
+    plain = _inception_trunk("random").eval()
     ours = FeatureExtractor("random", precision="auto", batch_size=batch_size)
     rates, cpu = [], 0.0
     for fn in (lambda: plain(preprocess(pixels)), lambda: ours(pixels.numpy())):

@@ -10,14 +10,14 @@ import pyarrow as pa
 import ray
 import torch
 
-from raycap import pipeline, schema
+from raycap import pipeline, schema, stages
 from raycap.config import CaptionConfig
 from raycap.encoder import EncoderWeights, FeatureExtractor, resolve_weights
 from raycap.model import beam_search
-from raycap.modeldir import load_model_dir
+from raycap.modeldir import LoadedModel, load_model_dir
 
 
-class CaptionModel(pipeline.ShardModel):
+class CaptionModel(stages.ShardModel):
     """Actor: InceptionV3 and the captioner on one device; features never leave the actor."""
 
     def __init__(
@@ -95,12 +95,18 @@ def _attention_column(rows: list[np.ndarray]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
-def run(config: CaptionConfig) -> dict:
-    """Caption every image under `config.input` into `config.output`; returns the manifest."""
+def prepare(config: CaptionConfig) -> tuple[LoadedModel, EncoderWeights]:
+    """What the job needs before any actor starts, found on the driver without Ray: the model directory (one
+    line if it is unreadable, not an error inside an actor) and the encoder it was trained on, resolved once."""
     config.validate()
-    loaded = load_model_dir(config.model, config.storage_options)  # fail here, with one line, not inside an actor
-    # The encoder the model was trained on, resolved once here and shared with every actor.
-    weights = ray.put(resolve_weights(loaded.config.get("encoder_weights", "imagenet"), config.storage_options))
+    loaded = load_model_dir(config.model, config.storage_options)
+    return loaded, resolve_weights(loaded.config.get("encoder_weights", "imagenet"), config.storage_options)
+
+
+def run(config: CaptionConfig, prepared: tuple[LoadedModel, EncoderWeights] | None = None) -> dict:
+    """Caption every image under `config.input` into `config.output`; returns the manifest."""
+    loaded, weights = prepared or prepare(config)
+    weights = ray.put(weights)
     job = pipeline.ShardJob.from_config(
         config,
         rows_dir=schema.CAPTIONS_DIR,

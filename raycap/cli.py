@@ -23,7 +23,7 @@ from typing import Any
 from raycap import plan
 from raycap.config import VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
 from raycap.images import DEFAULT_MAX_PIXELS
-from raycap.session import init_ray, quiet_ray
+from raycap.session import init_ray, init_ray_while, quiet_ray
 
 # Every numeric TrainConfig field is a `raycap train` flag of the same name (--epochs, --batch-size, ...).
 TRAIN_NUMBERS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "int | None")]
@@ -210,9 +210,13 @@ def _run_pipeline(kind: str, config: ExtractConfig | CaptionConfig) -> None:
         return
     import importlib
 
-    job = importlib.import_module(f"raycap.{kind}")
-    init_ray(config.address)
-    print(_summary(kind, job.run(config)))
+    def prepare() -> tuple[Any, Any]:
+        job = importlib.import_module(f"raycap.{kind}")
+        return job, job.prepare(config)
+
+    # Importing torch and resolving the weights take seconds, and so does starting Ray: they overlap.
+    job, prepared = init_ray_while(config.address, prepare, dashboard=False)
+    print(_summary(kind, job.run(config, prepared)))
 
 
 def _run_train(a: argparse.Namespace) -> None:

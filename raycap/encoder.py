@@ -22,6 +22,7 @@ from raycap.schema import FEATURE_DIM, NUM_REGIONS
 
 WEIGHT_CHOICES = ("imagenet", "random", "a path or URI of a state dict (.safetensors or .pt/.pth)")
 RANDOM_SEED = 0  # `random` weights are a pure function of this seed, so every actor builds the same encoder
+_CALIBRATION_IMAGES = 4  # images of the random trunk's calibration pass: 8x8x4 = 256 samples per channel at Mixed_7c
 _LAST_CONV = "Mixed_7c"
 _HEAD = ("AuxLogits", "avgpool", "dropout", "fc")
 
@@ -78,10 +79,13 @@ class EncoderWeights:
     """
 
     spec: str  # imagenet | random | the path or URI the user gave
-    safetensors: bytes | None  # the trunk's state dict as safetensors bytes; None for `random` (built from a seed)
+    safetensors: bytes  # the trunk's state dict as safetensors bytes (for `random`: seeded and calibrated)
 
 
-def _skeleton() -> nn.Module:
+def _skeleton(init: bool = True) -> nn.Module:
+    """torchvision's InceptionV3; `init`: its seeded random initialisation, else uninitialised (to be loaded)."""
+    if not init:
+        return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(RANDOM_SEED)
     try:
@@ -96,7 +100,10 @@ def resolve_weights(spec: str, storage_options: dict[str, Any] | None = None) ->
     Every failure is one ValueError line naming what to pass instead.
     """
     if spec == "random":
-        return EncoderWeights(spec, None)
+        # Built and calibrated once, here, and shipped like any other weights: no actor repeats the work.
+        trunk = _trunk_of(_skeleton())
+        _calibrate_random(trunk)
+        return EncoderWeights(spec, save_safetensors({k: v.contiguous() for k, v in trunk.state_dict().items()}))
     if spec == "imagenet":
         try:
             with redirect_stdout(io.StringIO()):  # torch.hub's "Downloading ..." line: the outcome speaks for itself
@@ -108,7 +115,7 @@ def resolve_weights(spec: str, storage_options: dict[str, Any] | None = None) ->
             ) from None
     else:
         state = _load_state_dict(spec, storage_options)
-    expected = [k for k in _skeleton().state_dict() if k.split(".")[0] not in _HEAD]
+    expected = [k for k in _skeleton(init=False).state_dict() if k.split(".")[0] not in _HEAD]
     missing = [k for k in expected if k not in state]
     if missing:
         raise ValueError(f"--encoder-weights {spec}: lacks {len(missing)} InceptionV3 tensors, e.g. {missing[0]}")
@@ -136,9 +143,12 @@ def _inception_trunk(weights: EncoderWeights | str) -> nn.Sequential:
     """InceptionV3 from the stem to Mixed_7c, as a Sequential (the 8x8x2048 last conv block)."""
     if isinstance(weights, str):
         weights = resolve_weights(weights)
-    full = _skeleton()
-    if weights.safetensors is not None:
-        full.load_state_dict(load_safetensors(weights.safetensors), strict=False)
+    full = _skeleton(init=False)
+    full.load_state_dict(load_safetensors(weights.safetensors), strict=False)
+    return _trunk_of(full)
+
+
+def _trunk_of(full: nn.Module) -> nn.Sequential:
     full.transform_input = False
     layers = OrderedDict()
     for name, module in full.named_children():
@@ -160,7 +170,7 @@ def _calibrate_random(trunk: nn.Sequential) -> None:
     block's output is normalised, as a trained network's would be.
     """
     gen = torch.Generator().manual_seed(RANDOM_SEED)
-    low = torch.rand(16, 3, 10, 10, generator=gen) * 2 - 1
+    low = torch.rand(_CALIBRATION_IMAGES, 3, 10, 10, generator=gen) * 2 - 1
     images = nn.functional.interpolate(low, size=(299, 299), mode="bilinear", align_corners=False)
     for m in trunk.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -188,8 +198,6 @@ class FeatureExtractor:
         if isinstance(weights, str):
             weights = resolve_weights(weights)
         trunk = _inception_trunk(weights)
-        if weights.safetensors is None:
-            _calibrate_random(trunk)
         # Fold each BatchNorm into its convolution: exact in eval mode, and one pass less over each activation.
         trunk = fuse(trunk.eval()).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -9,12 +9,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from raycap import pipeline, schema
+from raycap import pipeline, schema, stages
 from raycap.config import ExtractConfig
 from raycap.encoder import EncoderWeights, FeatureExtractor, resolve_precision, resolve_weights
 
 
-class FeatureModel(pipeline.ShardModel):
+class FeatureModel(stages.ShardModel):
     """Actor: holds InceptionV3 on its device; decoded uint8 shards in, feature rows out."""
 
     def __init__(
@@ -39,11 +39,16 @@ class FeatureModel(pipeline.ShardModel):
         )
 
 
-def run(config: ExtractConfig) -> dict:
-    """Extract features for every image under `config.input` into `config.output`; returns the manifest."""
+def prepare(config: ExtractConfig) -> EncoderWeights:
+    """What the job needs before any actor starts, found on the driver without Ray: the encoder's weights,
+    resolved once (a failed download or an unreadable file is one line)."""
     config.validate()
-    # Resolved here, once, before any actor starts: a failed download or unreadable file is one line.
-    weights = ray.put(resolve_weights(config.encoder_weights, config.storage_options))
+    return resolve_weights(config.encoder_weights, config.storage_options)
+
+
+def run(config: ExtractConfig, prepared: EncoderWeights | None = None) -> dict:
+    """Extract features for every image under `config.input` into `config.output`; returns the manifest."""
+    weights = ray.put(prepared or prepare(config))
     job = pipeline.ShardJob.from_config(
         config,
         rows_dir=schema.FEATURES_DIR,

@@ -1,11 +1,12 @@
-"""The sharded image pipeline extract and caption share: plan, decode tasks, model actor pool, atomic writes.
+"""The sharded image pipeline extract and caption share: plan, read and decode, model actor pool, commits.
 
 A shard is a fixed list of input files (the plan, stored with the output on the first run). Each shard
-travels through Ray Data as ONE row, so no stage can split it: decode (CPU task) -> model (actor pool,
-one GPU per actor when there are GPUs) -> write (CPU task: the shard's Parquet files, then its commit
-marker). A shard is finished when its marker exists; reruns skip finished shards and redo the others,
-which overwrite their deterministic file names, so rows are never duplicated or lost. This is the only
-module that sets concurrency, num_gpus and batch sizes.
+travels through Ray Data as ONE row, so no stage can split it. On CPU nodes one stage does everything: a
+model actor reads its shard's files, decodes them, runs the model and writes the rows, then the commit
+marker (raycap/stages.py). In front of GPU actors, CPU tasks read and decode (or only read, for decoding on
+the GPU), so that the GPU never waits for the CPU. A shard is finished when its marker exists; reruns skip
+finished shards and redo the others, which overwrite their deterministic file names, so rows are never
+duplicated or lost. This is the only module that sets concurrency, num_gpus and batch sizes.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raycap import plan, resources, schema, shards, storage
+from raycap import plan, resources, schema, shards, stages, storage
 from raycap.config import PipelineConfig
-from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from raycap.images import DEFAULT_MAX_PIXELS
 from raycap.plan import auto_shard_size  # noqa: F401 - part of this module's interface
 
 
@@ -33,22 +34,23 @@ class ShardJob:
     input: str  # folder or s3:// prefix of images
     output: str  # output root
     rows_dir: str  # schema.FEATURES_DIR or schema.CAPTIONS_DIR
-    model_cls: type  # a ShardModel subclass, built once per actor
+    model_cls: type  # a stages.ShardModel subclass, built once per actor
     model_kwargs: dict[str, Any]
     shard_size: int | None = None  # images per shard (the unit of retry, resume and output file); None: auto
     batch_size: int | None = None  # images per model forward; None: CPU_BATCH or GPU_BATCH by the actor's device
-    decode: str = "auto"  # cpu | device | auto: where JPEGs are decoded (auto: on the actor's device if a GPU)
+    decode: str = "auto"  # cpu (Pillow) | device (the actor's device) | auto: device on GPUs
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, checked before decoding
     max_errors: int | None = None  # stop once more images than this have failed (None: never)
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     actor_cpus: float | None = None  # CPUs reserved per model actor; None: plan_resources decides
-    decode_cpus: float | None = None  # CPUs reserved per decode task; None: plan_resources decides
+    decode_cpus: float | None = None  # CPUs reserved per decode task (GPU actors); None: plan_resources decides
     compression: str = "none"  # Parquet compression of the output rows
     row_bytes: int = 0  # size of one output row, for the in-flight working-set estimate
     storage_options: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
     incremental: bool = False  # relist the input and plan new shards for files added since the plan
+    decode_tasks: bool | None = None  # read and decode in CPU tasks before the actors; None: when actors hold GPUs
 
     @classmethod
     def from_config(cls, config: PipelineConfig, **job: Any) -> ShardJob:
@@ -74,115 +76,7 @@ CPU_BATCH = 16  # images per forward on a CPU: larger batches gain nothing there
 GPU_BATCH = 128  # images per forward on a GPU: enough to keep it busy in bf16
 
 
-class ShardModel:
-    """Base of the model stage: a callable class that maps decoded shards to output rows.
-
-    Subclasses load their model in `__init__` (setting `device`) and implement `predict(pixels, meta) ->
-    pa.Table` for (N, 299, 299, 3) uint8 pixels (a read-only array, or a tensor on `device` when the shard
-    was decoded there) and the N images' (image_id, path, width, height).
-    """
-
-    device: Any = "cpu"  # where predict runs; encoded shards are decoded there
-
-    def __init__(
-        self, batch_size: int = CPU_BATCH, threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> None:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        self.batch_size = batch_size
-        self.max_pixels = max_pixels
-
-    def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
-        raise NotImplementedError
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for shard in shards.unpack(batch):
-            if shard.encoded:
-                shard = self.decode(shard)
-            rows = self.predict(shard.pixels, shard.meta) if len(shard.meta) else None
-            out.append(shards.Shard(shard.shard, shard.meta.slice(0, 0), shard.errors, rows=rows))
-        return shards.pack(out)
-
-    def decode(self, shard: shards.Shard) -> shards.Shard:
-        """Decode a shard's file bytes on this actor's device (CPU fallback per image)."""
-        from raycap import devdecode
-
-        return devdecode.decode_shard(shard, self.device, self.max_pixels)
-
-
 _SHARD_BLOCK_BYTES = 1024  # target block size of the job's Dataset: every shard row (one per batch) is a block
-
-
-def decode_shards(
-    batch: pa.Table, input_root: str, storage_options: dict, max_pixels: int, decode: str = "cpu"
-) -> pa.Table:
-    """CPU task: read every file of each shard and decode it (decode="cpu") or pass its bytes on to the model
-    (decode="device"); a file that fails becomes an error row."""
-    fs, root = storage.filesystem(input_root, storage_options)
-    out = []
-    for shard, ids in zip(batch.column("shard").to_pylist(), batch.column("image_ids").to_pylist()):
-        paths = [storage.join(root, i) for i in ids]
-        contents = fs.cat(paths, on_error="return") if paths else {}
-        pixels = np.empty((len(ids), *shards.PIXEL_SHAPE), dtype=np.uint8) if decode == "cpu" else None
-        meta: dict[str, list] = {c: [] for c in (*shards.META_SCHEMA.names, shards.DATA)}
-        errors: tuple[list, list, list] = ([], [], [])
-        for image_id, path in zip(ids, paths):
-            display = storage.uri(fs, path)
-            data = contents.get(path)
-            if isinstance(data, BaseException) or data is None:
-                reason = "missing" if data is None else f"{type(data).__name__}: {data}"
-                shards.append_error(errors, display, "read", reason)
-                continue
-            size = (None, None)
-            if pixels is not None:
-                try:
-                    decoded = decode_image(data, max_pixels=max_pixels)
-                except ImageError as e:
-                    shards.append_error(errors, display, e.stage, str(e))
-                    continue
-                pixels[len(meta[schema.IMAGE_ID])] = decoded.pixels
-                size = (decoded.width, decoded.height)
-            for key, value in zip(meta, (image_id, display, *size, data)):
-                meta[key].append(value)
-        n = len(meta[schema.IMAGE_ID])
-        if pixels is not None:
-            del meta[shards.DATA]
-        table = pa.table(
-            meta,
-            schema=shards.META_SCHEMA
-            if pixels is not None
-            else shards.META_SCHEMA.append(pa.field(shards.DATA, pa.large_binary())),
-        )
-        out.append(
-            shards.Shard(shard, table, shards.error_table(*errors), pixels=pixels[:n] if pixels is not None else None)
-        )
-    return shards.pack(out)
-
-
-def write_shards(batch: pa.Table, output: str, rows_dir: str, storage_options: dict, compression: str) -> pa.Table:
-    """CPU task: write each shard's rows and errors atomically, then its commit marker (last)."""
-    fs, root = storage.filesystem(output, storage_options)
-    out = []
-    for shard in shards.unpack(batch):
-        name = plan.shard_name(shard.shard)
-        rows = shard.rows.num_rows if shard.rows is not None else 0
-        written = 0
-        if rows:
-            written += storage.write_parquet_atomic(
-                fs, storage.join(root, rows_dir, f"{name}.parquet"), shard.rows, compression
-            )
-        if len(shard.errors):
-            written += storage.write_parquet_atomic(
-                fs, storage.join(root, schema.ERRORS_DIR, f"{name}.parquet"), shard.errors, "zstd"
-            )
-        marker = {"shard": shard.shard, "rows": rows, "errors": len(shard.errors), "bytes": written}
-        marker_path = storage.join(root, schema.SHARDS_DIR, plan.marker_name(shard.shard, rows, len(shard.errors)))
-        storage.write_json_atomic(fs, marker_path, marker)
-        out.append(marker)
-    return pa.Table.from_pylist(out)
 
 
 def resolved(value: Any) -> Any:
@@ -203,23 +97,28 @@ def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
 
 
 def plan_resources(job: ShardJob) -> dict[str, Any]:
-    """Actor pool size, GPUs, CPUs and threads per actor, CPUs per decode/write task, planned per node
+    """Actor pool size, GPUs, CPUs and threads per actor, CPUs per decode task, planned per node
     (raycap.resources); a job no node shape can run raises Unschedulable (one line) before anything starts."""
     res = resources.plan_actors(
         resources.node_shapes(), job.gpus_per_actor, job.actors, alive=resources.node_shapes(autoscaler=False)
     )
-    # GPU actors: two shards in flight, the next one is fetched while this one runs. CPU actors: one, since a
-    # shard takes many seconds there; a free actor takes the next one and none sits on a queue at the end.
+    # GPU actors: two shards at a time, one on the GPU while the other is read or written. CPU actors: one, since
+    # a shard takes many seconds there; a free actor takes the next one and none sits on a queue at the end.
     return {**res, "in_flight": 2 if res["num_gpus"] else 1}
 
 
 def settle_resources(job: ShardJob, planned: dict[str, Any]) -> dict[str, Any]:
-    """What the job itself fixes on top of `plan_resources`: explicit CPU reservations, the batch size and where
-    images are decoded, the last two by the actor's device."""
+    """What the job itself fixes on top of `plan_resources`: explicit CPU reservations, the batch size, where
+    images are decoded and whether decode tasks feed the actors, the last three by the actor's device.
+
+    CPU actors read and decode their own shards: a task in front of them would decode on the same cores and
+    only add a worker process and a trip of the pixels through the object store. GPU actors are fed by CPU
+    tasks, so that the GPU's time goes to the model."""
     gpu = planned["num_gpus"] > 0
     settled = {
         "batch_size": job.batch_size or (GPU_BATCH if gpu else CPU_BATCH),
         "decode": "device" if job.decode == "device" or (job.decode == "auto" and gpu) else "cpu",
+        "decode_tasks": gpu if job.decode_tasks is None else job.decode_tasks,
     }
     if job.actor_cpus is not None:
         settled["actor_cpus"] = job.actor_cpus
@@ -258,8 +157,9 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         lines = plan.Progress(shard_plan.shards, shard_plan.files, done, progress, every_seconds=progress_seconds)
         context = ray.data.DataContext.get_current()
         block_bytes, context.target_max_block_size = context.target_max_block_size, _SHARD_BLOCK_BYTES
+        io = stages.ShardIO(job.input, job.output, job.rows_dir, job.storage_options, job.max_pixels, job.compression)
         ds = ray.data.from_items(parts, override_num_blocks=len(parts))
-        # Fewer CPUs than decoding, so the two are not fused: each shard is a block and gets its own decode task.
+        # Fewer CPUs than the next stage, so the two are not fused: each shard is a block of its own.
         ds = ds.map_batches(
             plan.expand_parts,
             batch_size=1,
@@ -267,18 +167,14 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
             num_cpus=0.1,
             fn_kwargs={"output": job.output, "storage_options": job.storage_options},
         )
-        ds = ds.map_batches(
-            decode_shards,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=res["decode_cpus"],
-            fn_kwargs={
-                "input_root": job.input,
-                "storage_options": job.storage_options,
-                "max_pixels": job.max_pixels,
-                "decode": res["decode"],
-            },
-        )
+        if res["decode_tasks"]:
+            ds = ds.map_batches(
+                stages.decode_shards,
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=res["decode_cpus"],
+                fn_kwargs={"io": io, "decode": res["decode"]},
+            )
         min_actors, max_actors = res["actors"]
         ds = ds.map_batches(
             job.model_cls,
@@ -286,27 +182,19 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
             batch_format="pyarrow",
             fn_constructor_kwargs={
                 **job.model_kwargs,
+                "io": io,
                 "threads": res["threads"],
                 "batch_size": res["batch_size"],
-                "max_pixels": job.max_pixels,
+                "decode": res["decode"],
             },
             compute=ray.data.ActorPoolStrategy(
-                min_size=min_actors, max_size=max_actors, max_tasks_in_flight_per_actor=res["in_flight"]
+                min_size=min_actors,
+                max_size=max_actors,
+                max_tasks_in_flight_per_actor=res["in_flight"],
+                max_concurrent_calls_per_actor=res["in_flight"],
             ),
             num_gpus=res["num_gpus"],
             num_cpus=res["actor_cpus"],
-        )
-        ds = ds.map_batches(
-            write_shards,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=res["write_cpus"],
-            fn_kwargs={
-                "output": job.output,
-                "rows_dir": job.rows_dir,
-                "storage_options": job.storage_options,
-                "compression": job.compression,
-            },
         )
         context.target_max_block_size = block_bytes  # the Dataset keeps the context it was built with
         for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-WRITE_CPUS = 0.25  # a shard writer: serialisation and one upload
+WRITE_CPUS = 0.25  # room kept beside each actor for a small task (expanding a plan part into shards)
 READ_CPUS = 1.0  # Ray Data's default for a read/map task (train's feature ingest)
 ACTOR_MEMORY = 1 << 30  # host memory an InceptionV3 actor needs (weights, activations at batch 16, runtime)
 STALL_SECONDS = 300.0  # default watchdog: no progress this long while Ray reports unplaceable demands
@@ -179,7 +179,6 @@ def plan_actors(
         "actor_cpus": actor_cpus,
         "threads": None if gpus_per_actor > 0 else threads,
         "decode_cpus": decode_cpus,
-        "write_cpus": WRITE_CPUS,
     }
 
 

@@ -6,10 +6,15 @@ import logging
 import os
 import socket
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from raycap.config import verbose
+
+T = TypeVar("T")
 
 # Set in the environment unless already there, when not verbose (see quiet_ray).
 QUIET_RAY_ENV = {
@@ -45,8 +50,9 @@ def quiet_ray() -> None:
                 handler.setLevel(logging.ERROR)
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to `address` (or RAY_ADDRESS, as inside `ray job submit`), or start an embedded local Ray.
+def init_ray(address: str | None, dashboard: bool = True) -> None:
+    """Connect to `address` (or RAY_ADDRESS, as inside `ray job submit`), or start an embedded local Ray (with
+    Ray's dashboard if `dashboard`: Ray Train needs it, the image pipelines do not).
 
     Ray's own rule for no address is to join the last cluster started on this machine, and to retry a
     dead one for minutes; raycap starts its own instead. A given address that does not answer is one
@@ -64,6 +70,7 @@ def init_ray(address: str | None) -> None:
     if address is None:
         ray.init(
             address="local",
+            include_dashboard=dashboard,
             log_to_driver=True,
             logging_level=logging.ERROR,  # no start-up chatter
             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
@@ -74,6 +81,28 @@ def init_ray(address: str | None) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def init_ray_while(address: str | None, work: Callable[[], T], dashboard: bool = True) -> T:
+    """init_ray(address) while `work` (importing torch, resolving weights) runs in a thread, so that the two wait
+    for each other only at the end; Ray's error comes first, then work's."""
+    import ray  # noqa: F401 - imported before the thread starts, so that the two threads never import it at once
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="raycap-prepare", daemon=True)
+    thread.start()
+    init_ray(address, dashboard=dashboard)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _check_reachable(address: str, flag: str, timeout: float = 5.0) -> None:

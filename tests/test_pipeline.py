@@ -1,9 +1,11 @@
-"""The pipeline's stages and wire format on plain Arrow tables, without Ray: decode -> model -> write."""
+"""The pipeline's stages and wire format on plain Arrow tables, without Ray: read, decode, model, write."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+from unittest.mock import ANY
 
 import numpy as np
 import pyarrow as pa
@@ -11,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raycap import pipeline, plan, schema, shards
+from raycap import pipeline, plan, schema, shards, stages
 
 
-class MeanModel(pipeline.ShardModel):
+class MeanModel(stages.ShardModel):
     """A model stage without a model: one row per image with its mean pixel value."""
 
     def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
@@ -46,15 +48,16 @@ PLAN = pa.table(
 )
 
 
-def _run_stages(folder, out, decode: str) -> pa.Table:
-    decoded = pipeline.decode_shards(PLAN, str(folder), {}, max_pixels=10_000, decode=decode)
-    predicted = MeanModel()(decoded)
-    return pipeline.write_shards(predicted, str(out), "rows", {}, "none")
+def _io(folder, out, max_pixels: int = 10_000) -> stages.ShardIO:
+    return stages.ShardIO(str(folder), str(out), "rows", {}, max_pixels)
 
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])
-def test_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(folder, tmp_path, decode):
-    markers = _run_stages(folder, tmp_path, decode).to_pylist()
+@pytest.mark.parametrize("decode_tasks", [False, True], ids=["actor-reads", "decode-tasks"])
+def test_read_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(folder, tmp_path, decode, decode_tasks):
+    io = _io(folder, tmp_path)
+    model = MeanModel(io, batch_size=2, threads=2, decode=decode)
+    markers = model(stages.decode_shards(PLAN, io, decode) if decode_tasks else PLAN).to_pylist()
     assert [(m["shard"], m["rows"], m["errors"]) for m in markers] == [(0, 2, 1), (1, 1, 1), (2, 0, 1)]
     rows = pq.read_table(tmp_path / "rows" / "shard-000000.parquet").to_pydict()
     assert rows[schema.IMAGE_ID] == ["a.jpg", "c.png"]
@@ -71,7 +74,7 @@ def test_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(folder
 
 def test_bomb_guard_applies_before_decoding(folder, tmp_path):
     batch = pa.table({"shard": [0], "image_ids": [["a.jpg", "b.jpg"]]})
-    (shard,) = shards.unpack(pipeline.decode_shards(batch, str(folder), {}, max_pixels=1_500))
+    (shard,) = shards.unpack(stages.decode_shards(batch, _io(folder, tmp_path, max_pixels=1_500)))
     assert shard.meta[schema.IMAGE_ID].to_pylist() == ["b.jpg"]  # 30 x 40 = 1,200 pixels; a.jpg has 3,072
     assert "decompression bomb" in shard.errors["error"][0].as_py()
 
@@ -139,16 +142,20 @@ def test_real_model_stages_take_the_wire_format_with_cpu_or_device_decoding(fold
     torch.manual_seed(0)
     write_model_dir(str(tmp_path / "model"), Captioner(ModelConfig(vocab_size=len(vocab))).eval(), vocab,
                     {"encoder_weights": "random", "feature_dtype": "float16"})  # fmt: skip
-    stage = {"batch_size": 2, "threads": None, "max_pixels": 10_000}
+    io = _io(folder, tmp_path / "out")
+    stage = {"io": io, "batch_size": 2, "threads": None}
     features = FeatureModel(weights="random", precision="fp32", feature_dtype="float16", **stage)
     captions = CaptionModel(model=str(tmp_path / "model"), weights="random", beam_size=2, max_length=4,
                             length_penalty=1.0, precision="fp32", **stage)  # fmt: skip
     captions.extractor = features.extractor  # the same random encoder: build InceptionV3 once
     batch = PLAN.slice(0, 1)  # a.jpg, bad.jpg, c.png
     for decode in ("cpu", "device"):
-        decoded = pipeline.decode_shards(batch, str(folder), {}, max_pixels=10_000, decode=decode)
-        (rows,) = shards.unpack(features(decoded))
-        assert rows.rows[schema.IMAGE_ID].to_pylist() == ["a.jpg", "c.png"] and len(rows.errors) == 1
-        assert schema.features_to_numpy(rows.rows[schema.FEATURES]).shape == (2, 64, 2048)
-        (rows,) = shards.unpack(captions(decoded))
-        assert rows.rows.schema.equals(schema.CAPTIONS_SCHEMA) and rows.rows.num_rows == 2
+        decoded = stages.decode_shards(batch, io, decode=decode)
+        for model, rows_dir in ((features, schema.FEATURES_DIR), (captions, schema.CAPTIONS_DIR)):
+            model.io = dataclasses.replace(io, rows_dir=rows_dir)
+            assert model(decoded).to_pylist() == [{"shard": 0, "rows": 2, "errors": 1, "bytes": ANY}]
+        rows = pq.read_table(tmp_path / "out" / schema.FEATURES_DIR / "shard-000000.parquet")
+        assert rows[schema.IMAGE_ID].to_pylist() == ["a.jpg", "c.png"]
+        assert schema.features_to_numpy(rows[schema.FEATURES]).shape == (2, 64, 2048)
+        rows = pq.read_table(tmp_path / "out" / schema.CAPTIONS_DIR / "shard-000000.parquet")
+        assert rows.schema.equals(schema.CAPTIONS_SCHEMA) and rows.num_rows == 2

@@ -53,9 +53,9 @@ def test_no_placement_of_the_planned_actors_starves_decoding_or_writing(name):
     plan = plan_actors(shapes, None, None)
     n = plan["actors"][1]
     assert n >= 1
-    room = max(plan["decode_cpus"], plan["write_cpus"])
+    room = max(plan["decode_cpus"], WRITE_CPUS)
     assert not _starving_placement_exists(shapes, n, plan["actor_cpus"], plan["num_gpus"], room), plan
-    assert plan["decode_cpus"] >= 0.25 and plan["write_cpus"] == WRITE_CPUS
+    assert plan["decode_cpus"] >= 0.25
 
 
 def test_the_issues_cluster_gets_two_actors_and_smaller_decode_tasks():
