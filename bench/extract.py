@@ -62,8 +62,10 @@ def model_only(batches: int = 3, batch_size: int = pipeline.CPU_BATCH) -> tuple[
     return rates[0], rates[1], cpu
 
 
-def raycap_extract(images: str, output: str) -> tuple[float, float, dict]:
-    """images/s and CPU s per image (over every process of the command, Ray's included) of `raycap extract`."""
+def raycap_extract(images: str, output: str) -> tuple[float, float, dict, dict]:
+    """images/s and CPU s per image (over every process of the command, Ray's included) of `raycap extract`, its
+    manifest, and its phases from the commit markers' times: seconds to the first commit and to exit, and the
+    steady images/s from the first commit to the last."""
     started = time.time()
     with CpuMeter() as meter:
         subprocess.run(
@@ -86,7 +88,16 @@ def raycap_extract(images: str, output: str) -> tuple[float, float, dict]:
     ended = time.time()
     with open(os.path.join(output, schema.MANIFEST_FILE)) as f:
         manifest = json.load(f)
-    return manifest["rows"] / (ended - started), meter.between(started, ended) / manifest["rows"], manifest
+    commits = sorted(
+        (os.stat(os.path.join(output, schema.SHARDS_DIR, name)).st_mtime, int(name.split(".rows-")[1].split(".")[0]))
+        for name in os.listdir(os.path.join(output, schema.SHARDS_DIR))
+    )
+    phases = {
+        "first_commit_s": commits[0][0] - started,
+        "after_last_commit_s": ended - commits[-1][0],
+        "steady": sum(rows for _, rows in commits[1:]) / (commits[-1][0] - commits[0][0]),
+    }
+    return manifest["rows"] / (ended - started), meter.between(started, ended) / manifest["rows"], manifest, phases
 
 
 def encodings(rows: int = 256, repeats: int = 3) -> dict[str, tuple[float, float]]:
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     images = os.path.join(data, synth.IMAGES_DIR)
     paths = sorted(os.path.join(images, p) for p in os.listdir(images))[: args.images]
     out = os.path.join(args.workdir, f"features-{int(time.time())}")
-    ours, ours_cpu, manifest = raycap_extract(images, out)
+    ours, ours_cpu, manifest, phases = raycap_extract(images, out)
     baseline, baseline_cpu = plain_loop(paths)
     plain_model, our_model, our_model_cpu = model_only()
     print(f"CPU: {cpu_description()}; {len(paths)} images")
@@ -148,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ratio whole command / own model alone: {ours / our_model:.2f} (target >= 0.85); pipeline alone "
         f"{manifest['images_per_second'] / our_model:.2f}; in CPU time {our_model_cpu / ours_cpu:.2f}"
+    )
+    print(
+        f"raycap extract phases: first shard committed after {phases['first_commit_s']:.1f} s (Ray start, weights, "
+        f"actors starting, one shard), exit {phases['after_last_commit_s']:.1f} s after the last; steady state "
+        f"{phases['steady']:.2f} images/s: ratio {phases['steady'] / our_model:.2f} of the model alone"
     )
     print(
         f"ratio whole command / plain loop: {ours / baseline:.2f}x (target >= 1.25x with native bf16); pipeline "

@@ -96,10 +96,15 @@ def _cluster_processes(temp: Path) -> list[int]:
 
 
 def _stop_cluster(temp: Path) -> None:
-    """Stop only this test's head (`ray stop` would also stop the test session's own Ray)."""
-    for pid in _cluster_processes(temp):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    """Stop only this test's head (`ray stop` would also stop the test session's own Ray). Killed in rounds: a
+    raylet may start a worker between one listing of the processes and its own end."""
+    for _ in range(20):
+        pids = _cluster_processes(temp)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _submit(port: str, env: dict, aws: dict, script: str, *args: str) -> subprocess.CompletedProcess:
