@@ -159,12 +159,15 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         block_bytes, context.target_max_block_size = context.target_max_block_size, _SHARD_BLOCK_BYTES
         io = stages.ShardIO(job.input, job.output, job.rows_dir, job.storage_options, job.max_pixels, job.compression)
         ds = ray.data.from_items(parts, override_num_blocks=len(parts))
-        # Fewer CPUs than the next stage, so the two are not fused: each shard is a block of its own.
+        # No CPU reserved (it only reads the plan, and a task waiting on the next stage would hold its CPU all
+        # run, keeping a decode task out), one task at a time, and so never fused with the next stage: each
+        # shard is a block of its own.
         ds = ds.map_batches(
             plan.expand_parts,
             batch_size=1,
             batch_format="pyarrow",
-            num_cpus=0.1,
+            num_cpus=0,
+            concurrency=1,
             fn_kwargs={"output": job.output, "storage_options": job.storage_options},
         )
         if res["decode_tasks"]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 WRITE_CPUS = 0.25  # room kept beside each actor for a small task (expanding a plan part into shards)
+GPU_DECODE_CPUS = 1.0  # a decode task in front of GPU actors: one per core (see plan_actors)
 READ_CPUS = 1.0  # Ray Data's default for a read/map task (train's feature ingest)
 ACTOR_MEMORY = 1 << 30  # host memory an InceptionV3 actor needs (weights, activations at batch 16, runtime)
 STALL_SECONDS = 300.0  # default watchdog: no progress this long while Ray reports unplaceable demands
@@ -135,8 +136,11 @@ def plan_actors(
             raise Unschedulable(
                 f"no node has {gpus_per_actor:g} GPU for a model actor (--gpus-per-actor); nodes: {describe(shapes)}"
             )
-        # One CPU per GPU actor feeds it; half a CPU on nodes with fewer (a GPU node with 1 vCPU).
-        candidates = [(1.0, 1, 1.0), (0.5, 1, 0.5), (0.5, 1, 0.25)]
+        # One CPU per GPU actor (it writes the rows), half a CPU on nodes with fewer (a GPU node with 1 vCPU).
+        # Decode tasks take a core each: two per core would fill Ray Data's ~30-100 ms gap between one task and
+        # the next on a slot, but measured slower in all (bench/pipeline.py --decode-cpus 0.5: more contention,
+        # and worker processes stopped and restarted above Ray's soft limit of one per CPU).
+        candidates = [(1.0, 1, GPU_DECODE_CPUS), (0.5, 1, GPU_DECODE_CPUS), (0.5, 1, 0.25)]
     else:
         # CPU only: single-threaded actors use the cores better than one multi-threaded actor (figures in
         # docs/operations.md, "Pipeline throughput"), up to 8 threads per actor on large nodes. Each
