@@ -1,4 +1,4 @@
-"""Per-node resource planning for model actors, decode/write tasks and training workers; unschedulable jobs fail fast.
+"""Per-node resource planning for model actors, decode tasks and training workers; unschedulable jobs fail fast.
 
 Ray places each actor and task on ONE node, so cluster totals say little: a 0-CPU head plus two 1-CPU
 workers has 2 CPUs, yet an actor reserving 0.75 CPU on each worker leaves no node with room for a
@@ -113,7 +113,7 @@ def safe_actor_count(shapes: list[NodeShape], cpus: float, gpus: float, room: fl
         slots = _slots(s, cpus, gpus, cores)
         block = 0 if s.cpus < room else math.floor((s.cpus - room) / cpus + 1e-9) + 1 if cpus else _UNBOUNDED
         if block > slots:
-            return total  # this node always has room for a decode or write task
+            return total  # this node always has room for a decode task or a plan expansion
         needed_to_block += s.count * block
     return max(0, min(total, needed_to_block - 1))
 
