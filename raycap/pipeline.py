@@ -89,9 +89,10 @@ class TooManyErrors(RuntimeError):
 
 
 def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
-    """The run's expected object-store working set: per actor the shard it works on and one queued, plus a
-    few decoded or finished shards in between. Recorded in the manifest; the hard bound is Ray Data's own
-    executor budget (half the object store), which bench/memory.py checks with this estimate."""
+    """The run's expected working set of decoded shards: per actor the shard it works on and one queued, plus a
+    few decoded shards in between. When decode tasks feed the actors (GPU nodes) it is in the object store,
+    whose hard bound is Ray Data's own executor budget (half the store), which bench/memory.py checks; actors
+    that read their own shards hold one each in their own memory. Recorded in the manifest."""
     pixel_bytes = int(np.prod(shards.PIXEL_SHAPE))
     return (2 * actors + 4) * shard_size * (pixel_bytes + row_bytes)
 
@@ -102,9 +103,7 @@ def plan_resources(job: ShardJob) -> dict[str, Any]:
     res = resources.plan_actors(
         resources.node_shapes(), job.gpus_per_actor, job.actors, alive=resources.node_shapes(autoscaler=False)
     )
-    # GPU actors: two shards at a time, one on the GPU while the other is read or written. CPU actors: one, since
-    # a shard takes many seconds there; a free actor takes the next one and none sits on a queue at the end.
-    return {**res, "in_flight": 2 if res["num_gpus"] else 1}
+    return res
 
 
 def settle_resources(job: ShardJob, planned: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +119,10 @@ def settle_resources(job: ShardJob, planned: dict[str, Any]) -> dict[str, Any]:
         "decode": "device" if job.decode == "device" or (job.decode == "auto" and gpu) else "cpu",
         "decode_tasks": gpu if job.decode_tasks is None else job.decode_tasks,
     }
+    # Actors fed by decode tasks take two shards at a time: one forward pass on the device while the other shard
+    # is unpacked or written. Actors that read their own shards take one: a shard takes seconds there, and a free
+    # actor takes the next one, so none sits in another actor's queue at the end.
+    settled["in_flight"] = 2 if settled["decode_tasks"] else 1
     if job.actor_cpus is not None:
         settled["actor_cpus"] = job.actor_cpus
     if job.decode_cpus is not None:
@@ -160,8 +163,8 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         io = stages.ShardIO(job.input, job.output, job.rows_dir, job.storage_options, job.max_pixels, job.compression)
         ds = ray.data.from_items(parts, override_num_blocks=len(parts))
         # No CPU reserved (it only reads the plan, and a task waiting on the next stage would hold its CPU all
-        # run, keeping a decode task out), one task at a time, and so never fused with the next stage: each
-        # shard is a block of its own.
+        # run, keeping a decode task out) and one task at a time. Its reservation differs from the next
+        # stage's, so the two are not fused: each shard is a block of its own.
         ds = ds.map_batches(
             plan.expand_parts,
             batch_size=1,
@@ -195,6 +198,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
                 max_size=max_actors,
                 max_tasks_in_flight_per_actor=res["in_flight"],
                 max_concurrent_calls_per_actor=res["in_flight"],
+                enable_true_multi_threading=res["in_flight"] > 1,  # ShardModel lets forward passes take turns
             ),
             num_gpus=res["num_gpus"],
             num_cpus=res["actor_cpus"],

@@ -39,7 +39,8 @@ def marker_name(shard: int, rows: int, errors: int) -> str:
 
 def auto_shard_size(images: int, actors: int, per_actor: int = 8, smallest: int = 32, largest: int = 256) -> int:
     """Shards small enough that every actor gets about `per_actor` of them (so none idles at the end), but
-    at least `smallest` images (each shard costs three scheduled tasks); on big inputs simply `largest`."""
+    at least `smallest` images (each shard costs scheduled work and files of its own); on big inputs simply
+    `largest`."""
     return min(largest, max(smallest, math.ceil(images / (actors * per_actor))))
 
 

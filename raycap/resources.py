@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-WRITE_CPUS = 0.25  # room kept beside each actor for a small task (expanding a plan part into shards)
+SIDE_TASK_CPUS = 0.25  # room kept beside each actor for a small task (expanding a plan part into shards)
 GPU_DECODE_CPUS = 1.0  # a decode task in front of GPU actors: one per core (see plan_actors)
 READ_CPUS = 1.0  # Ray Data's default for a read/map task (train's feature ingest)
 ACTOR_MEMORY = 1 << 30  # host memory an InceptionV3 actor needs (weights, activations at batch 16, runtime)
@@ -152,7 +152,7 @@ def plan_actors(
     best = None
     for actor_cpus, threads, decode_cpus in candidates:
         cores = 0 if gpus_per_actor > 0 else threads
-        n = safe_actor_count(shapes, actor_cpus, gpus_per_actor, max(decode_cpus, WRITE_CPUS), cores)
+        n = safe_actor_count(shapes, actor_cpus, gpus_per_actor, max(decode_cpus, SIDE_TASK_CPUS), cores)
         if n and (best is None or n > best[0]):
             best = (n, actor_cpus, threads, decode_cpus)
     if best is None:
@@ -175,7 +175,7 @@ def plan_actors(
         chosen = (1, most)
     else:
         cores = threads
-        now = most if alive is None else safe_actor_count(alive, actor_cpus, 0, max(decode_cpus, WRITE_CPUS), cores)
+        now = most if alive is None else safe_actor_count(alive, actor_cpus, 0, max(decode_cpus, SIDE_TASK_CPUS), cores)
         chosen = (max(1, min(now, most)), most)
     return {
         "actors": chosen,

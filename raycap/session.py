@@ -64,9 +64,7 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
     quiet_ray()
     if ray.is_initialized():
         return
-    flag = "--address"
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        address, flag = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    address, flag = _given_address(address)
     if address is None:
         ray.init(
             address="local",
@@ -83,11 +81,23 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
+def _given_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster address to join (--address, else RAY_ADDRESS as inside `ray job submit`) and its source."""
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return address, "--address"
+
+
 def init_ray_while(address: str | None, work: Callable[[], T], dashboard: bool = True) -> T:
     """init_ray(address) while `work` (importing torch, resolving weights) runs in a thread, so that the two wait
-    for each other only at the end; Ray's error comes first, then work's."""
-    import ray  # noqa: F401 - imported before the thread starts, so that the two threads never import it at once
+    for each other only at the end. A dead address is one line before the thread starts; then Ray's error
+    comes first, then work's."""
+    import ray
+    import ray.data  # noqa: F401 - imported before the thread starts, so that the two never import them at once
 
+    given, flag = _given_address(address)
+    if given is not None and not ray.is_initialized():
+        _check_reachable(given, flag)
     outcome: dict[str, Any] = {}
 
     def target() -> None:

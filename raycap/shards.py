@@ -21,14 +21,13 @@ META_SCHEMA = pa.schema(
 )
 
 # Column names of the one-row-per-shard tables Ray Data carries between stages.
-_SHARD, _META, _ERRORS, _PIXELS, _ROWS = "shard", "meta", "errors", "pixels", "rows"
+_SHARD, _META, _ERRORS, _PIXELS = "shard", "meta", "errors", "pixels"
 _WIRE_SCHEMA = pa.schema(
     [
         (_SHARD, pa.int64()),
         (_META, pa.large_binary()),
         (_ERRORS, pa.large_binary()),
         (_PIXELS, pa.large_binary()),
-        (_ROWS, pa.large_binary()),
     ]
 )
 
@@ -49,19 +48,17 @@ def append_error(errors: tuple[list, list, list], path: str, stage: str, message
 
 @dataclass
 class Shard:
-    """One shard between two stages: its images' meta, their pixels or file bytes, its errors, its output rows.
+    """One shard between the read/decode stage and the model: its images' meta, their pixels or file bytes, errors.
 
     `meta` lists the images still in the shard (files that failed are in `errors` instead). After the decode
     stage either `pixels` holds them decoded, or `meta` has a `data` column of their file bytes for the model
-    to decode on its device. After the model stage `rows` holds the output rows (None: no image of the shard
-    decoded, so no rows file is written).
+    to decode on its device.
     """
 
     shard: int  # index in the plan
     meta: pa.Table  # META_SCHEMA, plus DATA (large_binary) while undecoded
     errors: pa.Table = field(default_factory=lambda: EMPTY_ERRORS)  # schema.ERRORS_SCHEMA
     pixels: np.ndarray | None = None  # (N, 299, 299, 3) uint8, row i is meta row i; read-only when unpacked
-    rows: pa.Table | None = None  # the job's output rows, one per decoded image
 
     @property
     def encoded(self) -> bool:
@@ -70,14 +67,13 @@ class Shard:
 
 
 def pack(shards: list[Shard]) -> pa.Table:
-    """Shards -> one row each. Pixels are wrapped, not copied; meta/errors/rows become Arrow IPC buffers
-    (one copy each: rows is the only big one, the model's output)."""
+    """Shards -> one row each. Pixels (or file bytes, in meta) are wrapped, not copied; meta and errors become
+    small Arrow IPC buffers."""
     columns = {
         _SHARD: pa.array([s.shard for s in shards], pa.int64()),
         _META: _binary([_ipc(s.meta) for s in shards]),
         _ERRORS: _binary([_ipc(s.errors) for s in shards]),
         _PIXELS: _binary([None if s.pixels is None else _pixel_buffer(s.pixels) for s in shards]),
-        _ROWS: _binary([None if s.rows is None else _ipc(s.rows) for s in shards]),
     }
     return pa.table(columns, schema=_WIRE_SCHEMA)
 
@@ -88,23 +84,14 @@ def unpack(batch: pa.Table) -> list[Shard]:
         return []
     batch = batch.combine_chunks()
     shard_ids = batch.column(_SHARD).to_pylist()
-    cells = {name: _buffers(batch.column(name).chunk(0)) for name in (_META, _ERRORS, _PIXELS, _ROWS)}
+    cells = {name: _buffers(batch.column(name).chunk(0)) for name in (_META, _ERRORS, _PIXELS)}
     out = []
     for i, shard in enumerate(shard_ids):
         meta = _from_ipc(cells[_META][i])
         pixels = cells[_PIXELS][i]
         if pixels is not None:
             pixels = np.frombuffer(pixels, dtype=np.uint8).reshape(len(meta), *PIXEL_SHAPE)
-        rows = cells[_ROWS][i]
-        out.append(
-            Shard(
-                shard=shard,
-                meta=meta,
-                errors=_from_ipc(cells[_ERRORS][i]),
-                pixels=pixels,
-                rows=None if rows is None else _from_ipc(rows),
-            )
-        )
+        out.append(Shard(shard=shard, meta=meta, errors=_from_ipc(cells[_ERRORS][i]), pixels=pixels))
     return out
 
 

@@ -97,12 +97,13 @@ def write_shard(io: ShardIO, shard: int, rows: pa.Table | None, errors: pa.Table
     """Write one shard's rows and errors atomically, then its commit marker (last); returns the marker."""
     fs, root = storage.filesystem(io.output, io.storage_options)
     name, count, written = plan.shard_name(shard), rows.num_rows if rows is not None else 0, 0
-    if count:
-        path = storage.join(root, io.rows_dir, f"{name}.parquet")
-        written += storage.write_parquet_atomic(fs, path, rows, io.compression)
-    if len(errors):
-        path = storage.join(root, schema.ERRORS_DIR, f"{name}.parquet")
-        written += storage.write_parquet_atomic(fs, path, errors, "zstd")
+    rows_path = storage.join(root, io.rows_dir, f"{name}.parquet")
+    errors_path = storage.join(root, schema.ERRORS_DIR, f"{name}.parquet")
+    for path, table in ((rows_path, rows if count else None), (errors_path, errors if len(errors) else None)):
+        if table is not None:
+            written += storage.write_parquet_atomic(fs, path, table, io.compression if path == rows_path else "zstd")
+        else:  # an earlier attempt of this shard may have written one (an image read then, failing now)
+            storage.remove_if_present(fs, path)
     marker = {"shard": shard, "rows": count, "errors": len(errors), "bytes": written}
     marker_path = storage.join(root, schema.SHARDS_DIR, plan.marker_name(shard, count, len(errors)))
     storage.write_json_atomic(fs, marker_path, marker)

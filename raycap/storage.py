@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -115,6 +116,11 @@ def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, table: pa.Tab
     data = sink.getvalue()
     write_bytes_atomic(fs, path, data)
     return data.size
+
+
+def remove_if_present(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
 
 
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:

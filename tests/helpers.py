@@ -11,7 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import extract as extract_job
+from raycap import schema, stages
 from raycap.schema import CAPTIONS_SCHEMA
+
+
+class MeanModel(stages.ShardModel):
+    """A model stage without a model: one row per image with its mean pixel value (with Ray or without)."""
+
+    def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
+        means = np.asarray(pixels).reshape(len(pixels), -1).mean(axis=1)  # a tensor after device decoding
+        return pa.table({schema.IMAGE_ID: meta[schema.IMAGE_ID], "mean": means, schema.WIDTH: meta[schema.WIDTH]})
 
 
 def extract(images, output, *extra: str) -> int:

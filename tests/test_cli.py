@@ -35,6 +35,7 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started before the mistake was reported")
 
     monkeypatch.setattr(cli, "init_ray", refuse)
+    monkeypatch.setattr(cli, "init_ray_while", lambda address, work, dashboard=True: refuse(address))
 
 
 def one_error_line(capsys, argv: list[str]) -> str:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from jobs import extract as extract_job
 from raycap import pipeline, schema
-from tests.helpers import extract
+from tests.helpers import MeanModel, extract
 
 
 def _save(path: Path, img: Image.Image, fmt: str, **kwargs) -> None:
@@ -109,6 +110,35 @@ def test_every_file_is_exactly_one_feature_or_error_row(ray_session, tmp_path):
     manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
     assert (manifest["rows"], manifest["errors"], manifest["images"]) == (len(good), len(bad), len(good) + len(bad))
     assert manifest["encoder_weights"] == "random"
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_decode_tasks_feeding_actors_two_shards_at_a_time_give_each_file_once(ray_session, tmp_path, decode):
+    """The GPU nodes' topology on CPUs: decode tasks in front of an actor that takes two shards at a time (its
+    forward passes take turns) and writes them; every file is one row or one error row."""
+    src, out = tmp_path / "corpus", tmp_path / "out"
+    good, bad = make_corpus(src)
+    job = pipeline.ShardJob(
+        input=str(src),
+        output=str(out),
+        rows_dir=schema.FEATURES_DIR,
+        model_cls=MeanModel,
+        model_kwargs={},
+        shard_size=3,
+        actors=(1, 1),
+        gpus_per_actor=0,
+        decode=decode,
+        decode_tasks=True,
+        max_pixels=10_000_000,
+    )
+    manifest = pipeline.run(job, progress=lambda _: None)
+    assert manifest["resources"]["decode_tasks"] and manifest["resources"]["in_flight"] == 2
+    rows, errors = _rows(out)
+    assert sorted(r[schema.IMAGE_ID] for r in rows) == sorted(good)
+    assert sorted(os.path.relpath(r[schema.PATH], src) for r in errors) == sorted(bad)
+    assert (manifest["rows"], manifest["errors"]) == (len(good), len(bad))
+    plain = next(r for r in rows if r[schema.IMAGE_ID] == "plain.jpg")
+    assert plain[schema.WIDTH] == 320 and 100 < plain["mean"] < 155  # uniform noise averages ~127
 
 
 def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):

@@ -14,14 +14,7 @@ import pytest
 from PIL import Image
 
 from raycap import pipeline, plan, schema, shards, stages
-
-
-class MeanModel(stages.ShardModel):
-    """A model stage without a model: one row per image with its mean pixel value."""
-
-    def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
-        means = np.asarray(pixels).reshape(len(pixels), -1).mean(axis=1)  # a tensor after device decoding
-        return pa.table({schema.IMAGE_ID: meta[schema.IMAGE_ID], "mean": means, schema.WIDTH: meta[schema.WIDTH]})
+from tests.helpers import MeanModel
 
 
 def _jpeg(width: int, height: int, value: int) -> bytes:
@@ -48,13 +41,25 @@ PLAN = pa.table(
 )
 
 
+@pytest.fixture
+def keep_torch_threads():
+    """A model stage sets torch's thread count for its process: here, the test process's, put back after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _io(folder, out, max_pixels: int = 10_000) -> stages.ShardIO:
     return stages.ShardIO(str(folder), str(out), "rows", {}, max_pixels)
 
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])
 @pytest.mark.parametrize("decode_tasks", [False, True], ids=["actor-reads", "decode-tasks"])
-def test_read_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(folder, tmp_path, decode, decode_tasks):
+def test_read_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(
+    folder, tmp_path, decode, decode_tasks, keep_torch_threads
+):
     io = _io(folder, tmp_path)
     model = MeanModel(io, batch_size=2, threads=2, decode=decode)
     markers = model(stages.decode_shards(PLAN, io, decode) if decode_tasks else PLAN).to_pylist()
@@ -72,6 +77,20 @@ def test_read_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(f
     assert marker["rows"] == 2 and marker["errors"] == 1 and marker["bytes"] > 0
 
 
+def test_a_redone_shard_leaves_no_file_of_an_earlier_attempt(tmp_path):
+    """An image read on the first attempt and failing on the redo is an error only: the old rows file goes."""
+    io = _io(tmp_path / "in", tmp_path / "out")
+    rows = pa.table({schema.IMAGE_ID: ["a.jpg"]})
+    failed = shards.error_table([str(tmp_path / "in" / "a.jpg")], ["read"], ["TimeoutError: S3 did not answer"])
+    stages.write_shard(io, 4, rows, shards.EMPTY_ERRORS)
+    marker = stages.write_shard(io, 4, None, failed)
+    assert marker["rows"] == 0 and marker["errors"] == 1
+    assert not (tmp_path / "out" / "rows" / "shard-000004.parquet").exists()
+    assert pq.read_table(tmp_path / "out" / schema.ERRORS_DIR / "shard-000004.parquet").num_rows == 1
+    stages.write_shard(io, 4, rows, shards.EMPTY_ERRORS)  # and the other way round
+    assert not (tmp_path / "out" / schema.ERRORS_DIR / "shard-000004.parquet").exists()
+
+
 def test_bomb_guard_applies_before_decoding(folder, tmp_path):
     batch = pa.table({"shard": [0], "image_ids": [["a.jpg", "b.jpg"]]})
     (shard,) = shards.unpack(stages.decode_shards(batch, _io(folder, tmp_path, max_pixels=1_500)))
@@ -87,17 +106,11 @@ def test_pack_wraps_pixels_without_copying_and_marks_missing_parts():
     )
     packed = shards.pack([shards.Shard(7, meta, pixels=pixels), shards.Shard(8, meta.slice(0, 0))])
     first, empty = shards.unpack(packed)
-    assert first.shard == 7 and first.meta.equals(meta) and len(first.errors) == 0 and first.rows is None
+    assert first.shard == 7 and first.meta.equals(meta) and len(first.errors) == 0
     np.testing.assert_array_equal(first.pixels, pixels)
-    assert empty.pixels is None and empty.rows is None and len(empty.meta) == 0
+    assert empty.pixels is None and len(empty.meta) == 0
     (alone,) = shards.unpack(shards.pack([shards.Shard(7, meta, pixels=pixels)]))
     assert np.shares_memory(alone.pixels, pixels)  # one shard per row: its pixels are never copied
-
-
-def test_empty_rows_table_survives_as_empty_not_missing():
-    rows = pa.table({"a": pa.array([], pa.int64())})
-    (shard,) = shards.unpack(shards.pack([shards.Shard(0, shards.META_SCHEMA.empty_table(), rows=rows)]))
-    assert shard.rows is not None and shard.rows.num_rows == 0 and shard.rows.schema.equals(rows.schema)
 
 
 def test_job_takes_the_shared_settings_from_its_config():

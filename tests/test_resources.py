@@ -8,7 +8,7 @@ import time
 import pytest
 
 from raycap.resources import (
-    WRITE_CPUS,
+    SIDE_TASK_CPUS,
     NodeShape,
     Unschedulable,
     pending_demands,
@@ -53,7 +53,7 @@ def test_no_placement_of_the_planned_actors_starves_decoding_or_writing(name):
     plan = plan_actors(shapes, None, None)
     n = plan["actors"][1]
     assert n >= 1
-    room = max(plan["decode_cpus"], WRITE_CPUS)
+    room = max(plan["decode_cpus"], SIDE_TASK_CPUS)
     assert not _starving_placement_exists(shapes, n, plan["actor_cpus"], plan["num_gpus"], room), plan
     assert plan["decode_cpus"] >= 0.25
 
