@@ -22,7 +22,7 @@ from raycap.schema import FEATURE_DIM, NUM_REGIONS
 
 WEIGHT_CHOICES = ("imagenet", "random", "a path or URI of a state dict (.safetensors or .pt/.pth)")
 RANDOM_SEED = 0  # `random` weights are a pure function of this seed: every run builds the same encoder
-_CALIBRATION_IMAGES = 4  # images of the random trunk's calibration pass: 8x8x4 = 256 samples per channel at Mixed_7c
+_CALIBRATION_IMAGES = 16  # images of the random trunk's calibration pass (with 4 the demo learned less)
 _LAST_CONV = "Mixed_7c"
 _HEAD = ("AuxLogits", "avgpool", "dropout", "fc")
 
