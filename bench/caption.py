@@ -62,28 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = os.path.join(args.workdir, "model")
     write_model_dir(model_dir, model, vocab, {"encoder_weights": "random", "feature_dtype": "float16"})
     run = str(int(time.time()))
-    extract_s = _command(
-        "extract",
-        "--input",
-        images,
-        "--output",
-        os.path.join(args.workdir, "features-" + run),
-        "--encoder-weights",
-        "random",
-    )
+    features, captions = os.path.join(args.workdir, "features-" + run), os.path.join(args.workdir, "captions-" + run)
+    extract_s = _command("extract", "--input", images, "--output", features, "--encoder-weights", "random")
     caption_s = _command(
-        "caption",
-        "--input",
-        images,
-        "--output",
-        os.path.join(args.workdir, "captions-" + run),
-        "--model",
-        model_dir,
-        "--beam-size",
-        "3",
-        "--max-length",
-        str(args.max_length),
-    )
+        "caption", "--input", images, "--output", captions, "--model", model_dir,
+        "--beam-size", "3", "--max-length", str(args.max_length),
+    )  # fmt: skip
     paths = sorted(os.path.join(images, p) for p in os.listdir(images))[: args.loop_images]
     loop = per_image_loop(paths, model, vocab, args.max_length)
     n = len(os.listdir(images))

@@ -86,11 +86,15 @@ def _decode_all(files: list[bytes], max_pixels: int, workers: int) -> Iterator[A
         return iter(list(pool.map(one, files)))
 
 
+def _plan_rows(batch: pa.Table) -> Iterator[tuple[int, list[str]]]:
+    """(shard, image_ids) of each plan row of a batch (plan.expand_parts yields them)."""
+    return zip(batch.column("shard").to_pylist(), batch.column(IMAGE_IDS).to_pylist())
+
+
 def decode_shards(batch: pa.Table, io: ShardIO, decode: str = "cpu") -> pa.Table:
     """CPU task in front of GPU actors: read each plan row's files and decode them (decode="cpu"), or pass
     their bytes on to be decoded on the actor's device (decode="device")."""
-    rows = zip(batch.column("shard").to_pylist(), batch.column(IMAGE_IDS).to_pylist())
-    return shards.pack([read_shard(io, shard, ids, decode == "cpu") for shard, ids in rows])
+    return shards.pack([read_shard(io, shard, ids, decode == "cpu") for shard, ids in _plan_rows(batch)])
 
 
 def write_shard(io: ShardIO, shard: int, rows: pa.Table | None, errors: pa.Table) -> dict[str, int]:
@@ -152,7 +156,7 @@ class ShardModel:
         if IMAGE_IDS not in batch.column_names:  # packed by decode tasks
             yield from shards.unpack(batch)
             return
-        for shard, ids in zip(batch.column("shard").to_pylist(), batch.column(IMAGE_IDS).to_pylist()):
+        for shard, ids in _plan_rows(batch):
             yield read_shard(self.io, shard, ids, self.decode_on == "cpu", self.threads)
 
     def decode(self, shard: shards.Shard) -> shards.Shard:
