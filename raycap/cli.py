@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -286,12 +287,19 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def _user_error(e: BaseException) -> str | None:
-    """The one-line message of a user mistake, also when Ray wrapped it in a task or actor error."""
+    """The one-line message of a user mistake or a full disk, also when Ray wrapped it in a task or actor error."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, ValueError | FileNotFoundError) or type(e).__name__ == "TooManyErrors":
             return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"disk full ({e.strerror}); free space, then rerun to resume"
+        if type(e).__name__ == "OutOfDiskError":  # ray.exceptions: the store had to spill to a disk over 95% full
+            return (
+                "disk full: a node's object store had to spill to a disk over Ray's limit (95% full); free space "
+                "under its Ray temp folder (`df`), then rerun to resume"
+            )
         cause = getattr(e, "cause", None)
         e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return None

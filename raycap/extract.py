@@ -46,8 +46,9 @@ def prepare(config: ExtractConfig) -> EncoderWeights:
     return resolve_weights(config.encoder_weights, config.storage_options)
 
 
-def run(config: ExtractConfig, prepared: EncoderWeights | None = None) -> dict:
-    """Extract features for every image under `config.input` into `config.output`; returns the manifest."""
+def run(config: ExtractConfig, prepared: EncoderWeights | None = None, **job: Any) -> dict:
+    """Extract features for every image under `config.input` into `config.output`; returns the manifest.
+    `job` sets pipeline.ShardJob fields a config does not carry (benches: decode_tasks)."""
     weights = ray.put(prepared or prepare(config))
     job = pipeline.ShardJob.from_config(
         config,
@@ -68,5 +69,6 @@ def run(config: ExtractConfig, prepared: EncoderWeights | None = None) -> dict:
             "precision_on_cpu": resolve_precision(config.precision, torch.device("cpu")),
             "preprocessing": "resize 299x299 bilinear, pixels/127.5 - 1",
         },
+        **job,
     )
     return pipeline.run(job)

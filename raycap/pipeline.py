@@ -160,6 +160,9 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         lines = plan.Progress(shard_plan.shards, shard_plan.files, done, progress, every_seconds=progress_seconds)
         context = ray.data.DataContext.get_current()
         block_bytes, context.target_max_block_size = context.target_max_block_size, _SHARD_BLOCK_BYTES
+        # A stage's own exception (a full disk, S3 refusing a write) reaches the driver as itself, not as Ray
+        # Data's UserCodeException, which keeps only its text: raycap's CLI turns the known ones into one line.
+        original, context.raise_original_map_exception = context.raise_original_map_exception, True
         io = stages.ShardIO(job.input, job.output, job.rows_dir, job.storage_options, job.max_pixels, job.compression)
         ds = ray.data.from_items(parts, override_num_blocks=len(parts))
         # No CPU reserved (it only reads the plan, and a task waiting on the next stage would hold its CPU all
@@ -204,6 +207,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
             num_cpus=res["actor_cpus"],
         )
         context.target_max_block_size = block_bytes  # the Dataset keeps the context it was built with
+        context.raise_original_map_exception = original
         for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):
             rows, errors = int(marker["rows"]), int(marker["errors"])
             done[int(marker["shard"])] = (rows, errors)

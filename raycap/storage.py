@@ -85,18 +85,24 @@ def one_line(e: BaseException) -> str:
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | pa.Buffer) -> None:
     """Make `path` appear complete or not at all.
 
-    Locally: write a temporary sibling, fsync, rename. On S3 an object becomes visible only when its
-    upload completes, so a direct put is already atomic.
+    Locally: write a temporary sibling, fsync, rename; a failed write removes the sibling and its error names
+    `path` (a full disk's does not). On S3 an object becomes visible only when its upload completes, so a
+    direct put is already atomic.
     """
     parent = posixpath.dirname(path)
     if is_local(fs):
         os.makedirs(parent, exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:  # the path goes into the message: Ray Data replaces an OSError's filename
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OSError(e.errno, f"{e.strerror or e}: {path}") from e
     else:
         fs.pipe_file(path, data if isinstance(data, bytes) else data.to_pybytes())
 

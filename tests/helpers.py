@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,18 @@ class MeanModel(stages.ShardModel):
     def predict(self, pixels: np.ndarray, meta: pa.Table) -> pa.Table:
         means = np.asarray(pixels).reshape(len(pixels), -1).mean(axis=1)  # a tensor after device decoding
         return pa.table({schema.IMAGE_ID: meta[schema.IMAGE_ID], "mean": means, schema.WIDTH: meta[schema.WIDTH]})
+
+
+class FullDiskModel(MeanModel):
+    """MeanModel on a node whose disk is full: every fsync in its process fails as it would (ENOSPC)."""
+
+    def __init__(self, **stage: Any) -> None:
+        super().__init__(**stage)
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        os.fsync = full
 
 
 def extract(images, output, *extra: str) -> int:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from raycap import cli, session
-from tests.helpers import write_predictions, write_references
+from raycap import cli, pipeline, plan, schema, session, synth
+from tests.helpers import FullDiskModel, write_predictions, write_references
 
 CAPTIONS = {"a.png": ["a red circle on the left"], "b.png": ["a blue square on the top"]}
 
@@ -182,3 +184,54 @@ def test_quiet_by_default_and_verbose_on_request(monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "synth": lambda a: session.quiet_ray()})
     assert cli.main(["synth", "--output", "unused", "--verbose"]) == 0
     assert loud.level == logging.NOTSET and not any(name in cli.os.environ for name in session.QUIET_RAY_ENV)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(data: Path, capsys, monkeypatch):
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what fsync raises when the blocks do not fit
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = data / "metrics" / "scores.json"
+    argv = ["evaluate", "--predictions", str(data / "out"), "--references", str(data / "captions.json")]
+    line = one_error_line(capsys, [*argv, "--output", str(target)])
+    assert line == (
+        f"raycap evaluate: error: disk full (No space left on device: {target}); free space, then rerun to resume"
+    )
+    assert os.listdir(target.parent) == []
+
+
+def test_a_full_disk_under_a_shard_is_one_line_naming_its_file(ray_session, tiny_synth, tmp_path) -> None:
+    """A model actor's disk fills up: the run ends with one line naming the file it could not write, leaving
+    neither that file, its temporary sibling nor the shard's commit marker (a rerun redoes the shard)."""
+    out = tmp_path / "out"
+    job = pipeline.ShardJob(
+        input=str(tiny_synth / synth.IMAGES_DIR),
+        output=str(out),
+        rows_dir=schema.FEATURES_DIR,
+        model_cls=FullDiskModel,
+        model_kwargs={},
+        shard_size=40,
+        actors=(1, 1),
+        gpus_per_actor=0,
+    )
+    with pytest.raises(OSError) as failed:
+        pipeline.run(job, progress=lambda _: None)
+    rows = out / schema.FEATURES_DIR / f"{plan.shard_name(0)}.parquet"
+    assert cli._user_error(failed.value) == (
+        f"disk full (No space left on device: {rows}); free space, then rerun to resume"
+    )
+    assert not (out / schema.FEATURES_DIR).exists() or os.listdir(out / schema.FEATURES_DIR) == []
+    assert not (out / schema.SHARDS_DIR).exists() or os.listdir(out / schema.SHARDS_DIR) == []
+
+
+def test_an_object_store_that_cannot_spill_is_one_line(ray_session) -> None:
+    @ray_session.remote
+    def put_a_block() -> None:
+        raise ray_session.exceptions.OutOfDiskError()  # what a raylet raises when its disk is over 95% full
+
+    with pytest.raises(ray_session.exceptions.RayTaskError) as failed:
+        ray_session.get(put_a_block.remote())
+    assert cli._user_error(failed.value) == (
+        "disk full: a node's object store had to spill to a disk over Ray's limit (95% full); "
+        "free space under its Ray temp folder (`df`), then rerun to resume"
+    )
