@@ -9,7 +9,8 @@ A sampler thread asks the raylet for its store stats (what `ray memory --stats-o
 second while the extraction runs in this process on an embedded Ray. Prints the peak bytes in the
 store and the bytes spilled to disk, and checks them against the bound we state: Ray Data's executor
 budget (half the object store; RAY_DATA_OBJECT_STORE_MEMORY_LIMIT_FRACTION changes it), with nothing
-spilled. It also prints the peak against the pipeline's working-set estimate (pipeline.inflight_bytes).
+spilled. It also prints the peak against the pipeline's working-set estimate (pipeline.inflight_bytes), which
+with `--actor-reads` is in the actors' memory: there the store holds little more than the encoder's weights.
 """
 
 from __future__ import annotations
@@ -77,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{manifest['shards']} shards of {manifest['shard_size']}, "
         + ("decode tasks in front of the actors" if manifest["resources"]["decode_tasks"] else "actors reading")
     )
+    where = "in the store" if manifest["resources"]["decode_tasks"] else "in the actors' own memory, not the store"
     print(
         f"object store: peak {sampler.peak_used / mib:.0f} MiB of {store / mib:.0f} MiB, "
         f"spilled {sampler.spilled / mib:.0f} MiB; bound (Ray Data's budget) {bound / mib:.0f} MiB; "
-        f"working-set estimate {estimate / mib:.0f} MiB (peak / estimate = {sampler.peak_used / estimate:.2f})"
+        f"working-set estimate {estimate / mib:.0f} MiB {where} (store peak / estimate = "
+        f"{sampler.peak_used / estimate:.2f})"
     )
     ok = sampler.peak_used <= bound and sampler.spilled == 0
     print("PASS" if ok else "FAIL")

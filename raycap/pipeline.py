@@ -88,13 +88,14 @@ class TooManyErrors(RuntimeError):
     """More images failed than --max-errors allows."""
 
 
-def inflight_bytes(shard_size: int, actors: int, row_bytes: int) -> int:
-    """The run's expected working set of decoded shards: per actor the shard it works on and one queued, plus a
-    few decoded shards in between. When decode tasks feed the actors (GPU nodes) it is in the object store,
-    whose hard bound is Ray Data's own executor budget (half the store), which bench/memory.py checks; actors
-    that read their own shards hold one each in their own memory. Recorded in the manifest."""
+def inflight_bytes(shard_size: int, actors: int, row_bytes: int, decode_tasks: bool = True) -> int:
+    """The run's expected working set of shards (pixels and rows), recorded in the manifest. When decode tasks
+    feed the actors (GPU nodes), decoded shards wait in the object store: per actor the shard it works on and
+    one queued, plus a few in between (bench/memory.py measures the store's peak; Ray Data's executor budget,
+    half the store, is the hard bound). Actors that read their own shards hold one each in their own memory,
+    and the store none."""
     pixel_bytes = int(np.prod(shards.PIXEL_SHAPE))
-    return (2 * actors + 4) * shard_size * (pixel_bytes + row_bytes)
+    return (2 * actors + 4 if decode_tasks else actors) * shard_size * (pixel_bytes + row_bytes)
 
 
 def plan_resources(job: ShardJob) -> dict[str, Any]:
@@ -154,7 +155,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         + ("" if pending else ": nothing to do")
     )
     errors_so_far = sum(e for _, e in done.values())
-    inflight = inflight_bytes(shard_plan.shard_size, res["actors"][1], job.row_bytes)
+    inflight = inflight_bytes(shard_plan.shard_size, res["actors"][1], job.row_bytes, res["decode_tasks"])
     finished_before = set(done)
     if parts:
         lines = plan.Progress(shard_plan.shards, shard_plan.files, done, progress, every_seconds=progress_seconds)

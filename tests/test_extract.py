@@ -156,7 +156,8 @@ def test_auto_shard_size_gives_each_actor_about_eight_shards():
     assert pipeline.auto_shard_size(1000, actors=2) == 63
     assert pipeline.auto_shard_size(10_000_000, actors=8) == 256  # large inputs: the largest shard
     assert pipeline.auto_shard_size(40, actors=2) == 32  # small inputs: shards worth scheduling
-    assert pipeline.inflight_bytes(100, 2, 0) == 8 * 100 * 299 * 299 * 3
+    assert pipeline.inflight_bytes(100, 2, 0) == 8 * 100 * 299 * 299 * 3  # decoded shards queued in the store
+    assert pipeline.inflight_bytes(100, 2, 0, decode_tasks=False) == 2 * 100 * 299 * 299 * 3  # one per actor
 
 
 def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_synth, tmp_path):
@@ -171,7 +172,7 @@ def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_syn
     assert extract(tiny_synth / "images", out) == 0  # the stored plan decides the shards, not the default
     manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
     assert manifest["shards_this_run"] == 2 and manifest["rows"] == 40 and manifest["shard_size"] == 8
-    assert manifest["resources"]["inflight_bytes"] == pipeline.inflight_bytes(8, 2, 64 * 2048 * 2)
+    assert manifest["resources"]["inflight_bytes"] == pipeline.inflight_bytes(8, 2, 64 * 2048 * 2, decode_tasks=False)
     rows = _rows(out)[0]
     assert len(rows) == 40 and {r[schema.IMAGE_ID] for r in rows} == set(first)
     assert all(first[r[schema.IMAGE_ID]] == r[schema.FEATURES] for r in rows)  # same encoder, same features
