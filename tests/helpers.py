@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import extract as extract_job
-from raycap import schema, stages
+from raycap import pipeline, schema, stages
 from raycap.schema import CAPTIONS_SCHEMA
 
 
@@ -35,6 +35,20 @@ class FullDiskModel(MeanModel):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         os.fsync = full
+
+
+def mean_job(images, output, model_cls: type = MeanModel, **settings: Any) -> pipeline.ShardJob:
+    """A pipeline job of one CPU actor running `model_cls` (a model without a model) over `images`."""
+    return pipeline.ShardJob(
+        input=str(images),
+        output=str(output),
+        rows_dir=schema.FEATURES_DIR,
+        model_cls=model_cls,
+        model_kwargs={},
+        actors=(1, 1),
+        gpus_per_actor=0,
+        **settings,
+    )
 
 
 def extract(images, output, *extra: str) -> int:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from raycap import cli, pipeline, plan, schema, session, synth
-from tests.helpers import FullDiskModel, write_predictions, write_references
+from tests.helpers import FullDiskModel, mean_job, write_predictions, write_references
 
 CAPTIONS = {"a.png": ["a red circle on the left"], "b.png": ["a blue square on the top"]}
 
@@ -204,16 +204,7 @@ def test_a_full_disk_under_a_shard_is_one_line_naming_its_file(ray_session, tiny
     """A model actor's disk fills up: the run ends with one line naming the file it could not write, leaving
     neither that file, its temporary sibling nor the shard's commit marker (a rerun redoes the shard)."""
     out = tmp_path / "out"
-    job = pipeline.ShardJob(
-        input=str(tiny_synth / synth.IMAGES_DIR),
-        output=str(out),
-        rows_dir=schema.FEATURES_DIR,
-        model_cls=FullDiskModel,
-        model_kwargs={},
-        shard_size=40,
-        actors=(1, 1),
-        gpus_per_actor=0,
-    )
+    job = mean_job(tiny_synth / synth.IMAGES_DIR, out, FullDiskModel, shard_size=40)
     with pytest.raises(OSError) as failed:
         pipeline.run(job, progress=lambda _: None)
     rows = out / schema.FEATURES_DIR / f"{plan.shard_name(0)}.parquet"

@@ -20,7 +20,7 @@ from PIL import Image
 
 from jobs import extract as extract_job
 from raycap import pipeline, schema
-from tests.helpers import MeanModel, extract
+from tests.helpers import extract, mean_job
 
 
 def _save(path: Path, img: Image.Image, fmt: str, **kwargs) -> None:
@@ -118,19 +118,7 @@ def test_decode_tasks_feeding_actors_two_shards_at_a_time_give_each_file_once(ra
     forward passes take turns) and writes them; every file is one row or one error row."""
     src, out = tmp_path / "corpus", tmp_path / "out"
     good, bad = make_corpus(src)
-    job = pipeline.ShardJob(
-        input=str(src),
-        output=str(out),
-        rows_dir=schema.FEATURES_DIR,
-        model_cls=MeanModel,
-        model_kwargs={},
-        shard_size=3,
-        actors=(1, 1),
-        gpus_per_actor=0,
-        decode=decode,
-        decode_tasks=True,
-        max_pixels=10_000_000,
-    )
+    job = mean_job(src, out, shard_size=3, decode=decode, decode_tasks=True, max_pixels=10_000_000)
     manifest = pipeline.run(job, progress=lambda _: None)
     assert manifest["resources"]["decode_tasks"] and manifest["resources"]["in_flight"] == 2
     rows, errors = _rows(out)
