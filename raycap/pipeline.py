@@ -11,9 +11,10 @@ duplicated or lost. This is the only module that sets concurrency, num_gpus and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,12 +160,64 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     finished_before = set(done)
     if parts:
         lines = plan.Progress(shard_plan.shards, shard_plan.files, done, progress, every_seconds=progress_seconds)
-        context = ray.data.DataContext.get_current()
-        block_bytes, context.target_max_block_size = context.target_max_block_size, _SHARD_BLOCK_BYTES
-        # A stage's own exception (a full disk, S3 refusing a write) reaches the driver as itself, not as Ray
-        # Data's UserCodeException, which keeps only its text: raycap's CLI turns the known ones into one line.
-        original, context.raise_original_map_exception = context.raise_original_map_exception, True
-        io = stages.ShardIO(job.input, job.output, job.rows_dir, job.storage_options, job.max_pixels, job.compression)
+        ds = _shard_dataset(job, res, parts)
+        for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):
+            rows, errors = int(marker["rows"]), int(marker["errors"])
+            done[int(marker["shard"])] = (rows, errors)
+            lines.shard_finished(rows, errors)
+            errors_so_far += errors
+            if job.max_errors is not None and errors_so_far > job.max_errors:
+                raise TooManyErrors(
+                    f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
+                    f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
+                )
+    elapsed = time.time() - started
+    processed = sum(r + e for k, (r, e) in done.items() if k not in finished_before)
+    manifest = {
+        "input": input_uri,
+        "output": storage.uri(out_fs, out_root),
+        "images": shard_plan.files,
+        "rows": sum(r for r, _ in done.values()),
+        "errors": sum(e for _, e in done.values()),
+        "shards": shard_plan.shards,
+        "shards_this_run": pending,
+        "shard_size": shard_plan.shard_size,
+        "increments": shard_plan.increments,
+        "seconds": round(elapsed, 2),
+        "images_per_second": round(processed / elapsed, 2) if elapsed > 0 else None,
+        "resources": {k: v for k, v in res.items() if k != "actors"}
+        | {"actors": list(res["actors"]), "inflight_bytes": inflight},
+        "versions": _versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **job.manifest,
+    }
+    if manifest["rows"] + manifest["errors"] != shard_plan.files:
+        raise RuntimeError(
+            f"accounting error: {manifest['rows']} rows + {manifest['errors']} errors != {shard_plan.files}"
+        )
+    storage.write_json_atomic(out_fs, storage.join(out_root, schema.MANIFEST_FILE), manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _shard_context() -> Iterator[None]:
+    """The Ray Data settings a job's Dataset is built with (it keeps a copy of the context it was built in):
+    every shard row is a block of its own, and a stage's own exception (a full disk, S3 refusing a write)
+    reaches the driver as itself, not as Ray Data's UserCodeException, which keeps only its text, so the CLI
+    can turn the known ones into one line."""
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size, context.raise_original_map_exception
+    context.target_max_block_size, context.raise_original_map_exception = _SHARD_BLOCK_BYTES, True
+    try:
+        yield
+    finally:
+        context.target_max_block_size, context.raise_original_map_exception = saved
+
+
+def _shard_dataset(job: ShardJob, res: dict[str, Any], parts: list[dict[str, Any]]) -> ray.data.Dataset:
+    """The job's Dataset: plan parts -> shard rows -> [decode tasks] -> model actors -> one marker per shard."""
+    io = stages.ShardIO(job.input, job.output, job.rows_dir, job.storage_options, job.max_pixels, job.compression)
+    with _shard_context():
         ds = ray.data.from_items(parts, override_num_blocks=len(parts))
         # No CPU reserved (it only reads the plan, and a task waiting on the next stage would hold its CPU all
         # run, keeping a decode task out) and one task at a time. Its reservation differs from the next
@@ -207,44 +260,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
             num_gpus=res["num_gpus"],
             num_cpus=res["actor_cpus"],
         )
-        context.target_max_block_size = block_bytes  # the Dataset keeps the context it was built with
-        context.raise_original_map_exception = original
-        for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):
-            rows, errors = int(marker["rows"]), int(marker["errors"])
-            done[int(marker["shard"])] = (rows, errors)
-            lines.shard_finished(rows, errors)
-            errors_so_far += errors
-            if job.max_errors is not None and errors_so_far > job.max_errors:
-                raise TooManyErrors(
-                    f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
-                    f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
-                )
-    elapsed = time.time() - started
-    processed = sum(r + e for k, (r, e) in done.items() if k not in finished_before)
-    manifest = {
-        "input": input_uri,
-        "output": storage.uri(out_fs, out_root),
-        "images": shard_plan.files,
-        "rows": sum(r for r, _ in done.values()),
-        "errors": sum(e for _, e in done.values()),
-        "shards": shard_plan.shards,
-        "shards_this_run": pending,
-        "shard_size": shard_plan.shard_size,
-        "increments": shard_plan.increments,
-        "seconds": round(elapsed, 2),
-        "images_per_second": round(processed / elapsed, 2) if elapsed > 0 else None,
-        "resources": {k: v for k, v in res.items() if k != "actors"}
-        | {"actors": list(res["actors"]), "inflight_bytes": inflight},
-        "versions": _versions(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **job.manifest,
-    }
-    if manifest["rows"] + manifest["errors"] != shard_plan.files:
-        raise RuntimeError(
-            f"accounting error: {manifest['rows']} rows + {manifest['errors']} errors != {shard_plan.files}"
-        )
-    storage.write_json_atomic(out_fs, storage.join(out_root, schema.MANIFEST_FILE), manifest)
-    return manifest
+    return ds
 
 
 def _versions() -> dict[str, str]:

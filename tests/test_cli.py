@@ -207,6 +207,7 @@ def test_a_full_disk_under_a_shard_is_one_line_naming_its_file(ray_session, tiny
     job = mean_job(tiny_synth / synth.IMAGES_DIR, out, FullDiskModel, shard_size=40)
     with pytest.raises(OSError) as failed:
         pipeline.run(job, progress=lambda _: None)
+    assert not ray_session.data.DataContext.get_current().raise_original_map_exception  # only the job's Dataset
     rows = out / schema.FEATURES_DIR / f"{plan.shard_name(0)}.parquet"
     assert cli._user_error(failed.value) == (
         f"disk full (No space left on device: {rows}); free space, then rerun to resume"
