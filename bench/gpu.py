@@ -8,7 +8,8 @@ weights `random` unless --encoder-weights names a local state dict). Prints:
 - `raycap train` samples/s with one GPU (Ray Train, NCCL, world size 1);
 - the same extraction on CPU actors: row counts must be equal, and the features close (per-image cosine).
 
-Usage: python bench/gpu.py [--images 1000] [--workdir bench-output/gpu]. Exits 2 with one line without a GPU.
+Usage: python bench/gpu.py [--images 1000] [--workdir bench-output/gpu], from the checkout, installed or not.
+Exits 2 with one line without a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from raycap import schema
+# Run as a script, a fresh checkout need not be installed: raycap is imported from it here, and through
+# PYTHONPATH by the raycap commands this runs and by their Ray workers.
+if __name__ == "__main__":
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+
+from raycap import schema  # noqa: E402 - after the checkout is on the path
 
 RANDOM_WEIGHTS_NOTE = (
     "random encoder weights amplify any numeric difference (bf16 vs fp32, TF32, one pixel level), so their "

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +43,23 @@ def test_bad_arguments_are_refused_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         gpu.parse_args(["--images", "10", "--cpu-images", "20"])
     assert "--cpu-images" in capsys.readouterr().err
+
+
+def test_it_runs_from_a_checkout_that_is_not_installed(tmp_path):
+    """A GPU machine has torch, torchvision and Ray but not raycap: the script finds raycap in its checkout (here
+    it gets as far as the GPU check, after importing raycap)."""
+    packages = Path(np.__file__).parent.parent  # this environment's site-packages, without their .pth files
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
+    site = next((tmp_path / "env" / "lib").glob("python3*/site-packages"))
+    (site / "installed.pth").write_text(f"{packages}\n")  # torch, Ray, pyarrow; not the editable raycap
+    python = str(tmp_path / "env" / "bin" / "python")
+    script = Path(gpu.__file__)
+    alone = subprocess.run([python, "-c", "import raycap"], capture_output=True, text=True, cwd=tmp_path)
+    assert "No module named 'raycap'" in alone.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([python, str(script), "--workdir", str(tmp_path / "w")], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "bench/gpu.py: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine"
+    )
