@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-SIDE_TASK_CPUS = 0.25  # room kept beside each actor for a small task (expanding a plan part into shards)
+SIDE_TASK_CPUS = 0.25  # the least room some node keeps beside GPU actors for a decode task
 GPU_DECODE_CPUS = 1.0  # a decode task in front of GPU actors: one per core (see plan_actors)
 READ_CPUS = 1.0  # Ray Data's default for a read/map task (train's feature ingest)
 ACTOR_MEMORY = 1 << 30  # host memory an InceptionV3 actor needs (weights, activations at batch 16, runtime)
@@ -139,43 +139,44 @@ def plan_actors(
         # One CPU per GPU actor (it writes the rows), half a CPU on nodes with fewer (a GPU node with 1 vCPU).
         # Decode tasks take a core each: two per core would fill Ray Data's ~30-100 ms gap between one task and
         # the next on a slot, but measured slower in all (bench/pipeline.py --decode-cpus 0.5: more contention,
-        # and worker processes stopped and restarted above Ray's soft limit of one per CPU).
+        # and worker processes stopped and restarted above Ray's soft limit of one per CPU). Some node must
+        # always keep room for a decode task, wherever Ray places the actors.
         candidates = [(1.0, 1, GPU_DECODE_CPUS), (0.5, 1, GPU_DECODE_CPUS), (0.5, 1, 0.25)]
+        rooms = [max(decode_cpus, SIDE_TASK_CPUS) for _, _, decode_cpus in candidates]
     else:
         # CPU only: single-threaded actors use the cores better than one multi-threaded actor (figures in
-        # docs/operations.md, "Pipeline throughput"), up to 8 threads per actor on large nodes. Each
-        # actor reserves 3/4 of its CPUs so decode tasks (~5% of the model's CPU time) find room; where a node
-        # is too small for that, decode tasks reserve less.
+        # docs/operations.md, "Pipeline throughput"), up to 8 threads per actor on large nodes. An actor reads
+        # and decodes its own shards on its threads, so it reserves a whole core per thread and no room is kept
+        # beside it (plan expansion reserves no CPU). decode_cpus is what a decode task would reserve in front
+        # of CPU actors (ShardJob.decode_tasks, for benches and tests).
         largest = max((s.cpus for s in shapes if _slots(s, 0.5, 0)), default=0.0)
         threads = max(1, int(largest) // 8)
-        candidates = [(0.75 * threads, threads, 0.5), (0.75 * threads, threads, 0.25), (0.5 * threads, threads, 0.25)]
+        candidates, rooms = [(float(threads), threads, 0.5)], [0.0]
     best = None
-    for actor_cpus, threads, decode_cpus in candidates:
+    for (actor_cpus, threads, decode_cpus), room in zip(candidates, rooms):
         cores = 0 if gpus_per_actor > 0 else threads
-        n = safe_actor_count(shapes, actor_cpus, gpus_per_actor, max(decode_cpus, SIDE_TASK_CPUS), cores)
+        n = safe_actor_count(shapes, actor_cpus, gpus_per_actor, room, cores)
         if n and (best is None or n > best[0]):
-            best = (n, actor_cpus, threads, decode_cpus)
+            best = (n, actor_cpus, threads, decode_cpus, room)
     if best is None:
         need = f"{candidates[-1][0]:g} CPU, {ACTOR_MEMORY / 2**30:g} GiB" + (
             f", {gpus_per_actor:g} GPU" if gpus_per_actor else ""
         )
-        raise Unschedulable(
-            f"no node can hold a model actor ({need}) with a decode task "
-            f"({candidates[-1][2]:g} CPU) beside it or on another node; nodes: {describe(shapes)}"
-        )
-    most, actor_cpus, threads, decode_cpus = best
+        beside = f" with a decode task ({candidates[-1][2]:g} CPU) beside it or on another node" if rooms[-1] else ""
+        raise Unschedulable(f"no node can hold a model actor ({need}){beside}; nodes: {describe(shapes)}")
+    most, actor_cpus, threads, decode_cpus, room = best
     if actors is not None:
         if actors[0] > most:
             raise Unschedulable(
                 f"--actors {actors[0]}:{actors[1]} needs {actors[0]} model actors, these nodes hold "
-                f"{most} with room to decode; nodes: {describe(shapes)}"
+                f"{most}{' with room to decode' if room else ''}; nodes: {describe(shapes)}"
             )
         chosen = (actors[0], min(actors[1], most))
     elif gpus_per_actor > 0:
         chosen = (1, most)
     else:
         cores = threads
-        now = most if alive is None else safe_actor_count(alive, actor_cpus, 0, max(decode_cpus, SIDE_TASK_CPUS), cores)
+        now = most if alive is None else safe_actor_count(alive, actor_cpus, 0, room, cores)
         chosen = (max(1, min(now, most)), most)
     return {
         "actors": chosen,

@@ -47,25 +47,36 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("name", SHAPES)
-def test_no_placement_of_the_planned_actors_starves_decoding_or_writing(name):
+@pytest.mark.parametrize("name", [n for n, shapes in SHAPES.items() if any(s.gpus for s in shapes)])
+def test_no_placement_of_the_planned_gpu_actors_starves_decoding(name):
     shapes = SHAPES[name]
     plan = plan_actors(shapes, None, None)
     n = plan["actors"][1]
-    assert n >= 1
+    assert n >= 1 and plan["num_gpus"] == 1
     room = max(plan["decode_cpus"], SIDE_TASK_CPUS)
     assert not _starving_placement_exists(shapes, n, plan["actor_cpus"], plan["num_gpus"], room), plan
     assert plan["decode_cpus"] >= 0.25
 
 
-def test_the_issues_cluster_gets_two_actors_and_smaller_decode_tasks():
-    """0-CPU head + two 1-CPU workers: 0.75-CPU actors left 0.25 per node and 0.5-CPU decode tasks waited forever."""
+@pytest.mark.parametrize("name", [n for n, shapes in SHAPES.items() if not any(s.gpus for s in shapes)])
+def test_cpu_actors_take_whole_cores_and_every_core(name):
+    """CPU actors read and decode their own shards: a core per thread, no room kept for tasks beside them, so
+    however Ray places them each node runs at most as many threads as it has cores, and all of them are used."""
+    shapes = SHAPES[name]
+    plan = plan_actors(shapes, None, None)
+    assert plan["num_gpus"] == 0 and plan["actor_cpus"] == plan["threads"]
+    assert plan["actors"][1] == sum(s.count * int(s.cpus // plan["threads"]) for s in shapes)
+
+
+def test_the_issues_cluster_gets_an_actor_on_each_node():
+    """0-CPU head + two 1-CPU workers: 0.75-CPU actors once left 0.25 per node and 0.5-CPU decode tasks waited
+    forever; now each worker runs one actor that decodes its own shards."""
     plan = plan_actors(SHAPES["0-CPU head + two 1-CPU workers"], None, None)
-    assert plan["actors"] == (2, 2) and plan["actor_cpus"] == 0.75 and plan["decode_cpus"] == 0.25
+    assert plan["actors"] == (2, 2) and plan["actor_cpus"] == 1.0
     single = plan_actors(SHAPES["one 2-CPU machine"], None, None)
-    assert single["actors"] == (2, 2) and single["decode_cpus"] == 0.5  # as before on one machine
+    assert single["actors"] == (2, 2) and single["actor_cpus"] == 1.0
     autoscaled = plan_actors([HEAD, NodeShape(16, 0, 32 * GIB, 8)], None, None, alive=[HEAD])
-    assert autoscaled["actors"] == (1, 64) and autoscaled["actor_cpus"] == 1.5  # grows as c6i.4xlarge nodes join
+    assert autoscaled["actors"] == (1, 64) and autoscaled["actor_cpus"] == 2.0  # grows as c6i.4xlarge nodes join
     gpu = plan_actors(SHAPES["GPU workers with 4 vCPUs"], None, None)
     assert gpu["actors"] == (1, 2) and gpu["num_gpus"] == 1 and gpu["threads"] is None
 
