@@ -141,8 +141,8 @@ def plan_actors(
         # the next on a slot, but measured slower in all (bench/pipeline.py --decode-cpus 0.5: more contention,
         # and worker processes stopped and restarted above Ray's soft limit of one per CPU). Some node must
         # always keep room for a decode task, wherever Ray places the actors.
-        candidates = [(1.0, 1, GPU_DECODE_CPUS), (0.5, 1, GPU_DECODE_CPUS), (0.5, 1, 0.25)]
-        rooms = [max(decode_cpus, SIDE_TASK_CPUS) for _, _, decode_cpus in candidates]
+        choices = [(1.0, GPU_DECODE_CPUS), (0.5, GPU_DECODE_CPUS), (0.5, 0.25)]  # (actor CPUs, decode CPUs)
+        candidates = [(cpus, 1, decode, max(decode, SIDE_TASK_CPUS)) for cpus, decode in choices]
     else:
         # CPU only: single-threaded actors use the cores better than one multi-threaded actor (figures in
         # docs/operations.md, "Pipeline throughput"), up to 8 threads per actor on large nodes. An actor reads
@@ -151,18 +151,18 @@ def plan_actors(
         # of CPU actors (ShardJob.decode_tasks, for benches and tests).
         largest = max((s.cpus for s in shapes if _slots(s, 0.5, 0)), default=0.0)
         threads = max(1, int(largest) // 8)
-        candidates, rooms = [(float(threads), threads, 0.5)], [0.0]
+        candidates = [(float(threads), threads, 0.5, 0.0)]
     best = None
-    for (actor_cpus, threads, decode_cpus), room in zip(candidates, rooms):
+    for actor_cpus, threads, decode_cpus, room in candidates:
         cores = 0 if gpus_per_actor > 0 else threads
         n = safe_actor_count(shapes, actor_cpus, gpus_per_actor, room, cores)
         if n and (best is None or n > best[0]):
             best = (n, actor_cpus, threads, decode_cpus, room)
     if best is None:
-        need = f"{candidates[-1][0]:g} CPU, {ACTOR_MEMORY / 2**30:g} GiB" + (
-            f", {gpus_per_actor:g} GPU" if gpus_per_actor else ""
-        )
-        beside = f" with a decode task ({candidates[-1][2]:g} CPU) beside it or on another node" if rooms[-1] else ""
+        least_cpus, _, least_decode, least_room = candidates[-1]
+        gpu = f", {gpus_per_actor:g} GPU" if gpus_per_actor else ""
+        need = f"{least_cpus:g} CPU, {ACTOR_MEMORY / 2**30:g} GiB{gpu}"
+        beside = f" with a decode task ({least_decode:g} CPU) beside it or on another node" if least_room else ""
         raise Unschedulable(f"no node can hold a model actor ({need}){beside}; nodes: {describe(shapes)}")
     most, actor_cpus, threads, decode_cpus, room = best
     if actors is not None:

@@ -25,16 +25,17 @@ class MeanModel(stages.ShardModel):
         return pa.table({schema.IMAGE_ID: meta[schema.IMAGE_ID], "mean": means, schema.WIDTH: meta[schema.WIDTH]})
 
 
+def fsync_on_a_full_disk(fd: int) -> None:
+    """os.fsync as on a full disk: the blocks of the data written do not fit (ENOSPC)."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 class FullDiskModel(MeanModel):
     """MeanModel on a node whose disk is full: every fsync in its process fails as it would (ENOSPC)."""
 
     def __init__(self, **stage: Any) -> None:
         super().__init__(**stage)
-
-        def full(fd: int) -> None:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        os.fsync = full
+        os.fsync = fsync_on_a_full_disk
 
 
 def mean_job(images, output, model_cls: type = MeanModel, **settings: Any) -> pipeline.ShardJob:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image
 
 from raycap import cli, pipeline, plan, schema, session, synth
-from tests.helpers import FullDiskModel, mean_job, write_predictions, write_references
+from tests.helpers import FullDiskModel, fsync_on_a_full_disk, mean_job, write_predictions, write_references
 
 CAPTIONS = {"a.png": ["a red circle on the left"], "b.png": ["a blue square on the top"]}
 
@@ -187,10 +186,7 @@ def test_quiet_by_default_and_verbose_on_request(monkeypatch, capsys) -> None:
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(data: Path, capsys, monkeypatch):
-    def full(fd: int) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what fsync raises when the blocks do not fit
-
-    monkeypatch.setattr(os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", fsync_on_a_full_disk)
     target = data / "metrics" / "scores.json"
     argv = ["evaluate", "--predictions", str(data / "out"), "--references", str(data / "captions.json")]
     line = one_error_line(capsys, [*argv, "--output", str(target)])
