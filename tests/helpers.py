@@ -16,6 +16,10 @@ from jobs import extract as extract_job
 from raycap import pipeline, schema, stages
 from raycap.schema import CAPTIONS_SCHEMA
 
+# A hang guard, never a speed check: a command or wait that takes this long is stuck. Far beyond (>= 10x) the
+# normal time of the slowest thing a test waits for (the multinode script, ~3 minutes on 2 busy cores).
+HANG_SECONDS = 1800
+
 
 class MeanModel(stages.ShardModel):
     """A model stage without a model: one row per image with its mean pixel value (with Ray or without)."""

@@ -24,6 +24,7 @@ import yaml
 from raycap import listing as listing_module
 from raycap import schema, storage
 from raycap.modeldir import COMMIT, latest_checkpoint
+from tests.helpers import HANG_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -131,7 +132,7 @@ def _submit(port: str, env: dict, aws: dict, script: str, *args: str) -> subproc
         *args,
     ]
     for _ in range(10):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_SECONDS)
         if "No available agent to submit job" not in done.stderr:
             break
     return done
@@ -277,7 +278,7 @@ def test_job_submit_with_token_auth(s3_images, tmp_path):
             env=no_token,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=HANG_SECONDS,
         )
         assert denied.returncode != 0  # with another token the head refuses
     finally:
@@ -300,7 +301,7 @@ def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_SECONDS,
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -308,7 +309,9 @@ def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node
     small = report["too_small"]
     assert small["message"] and "\n" not in small["message"], small
     assert small["message"].startswith("no node can hold a model actor") and "2x(1 CPU" in small["message"], small
-    assert small["seconds"] < 30 and not small["wrote"], small
+    # Nothing written: refused by the plan, before the input was listed or any actor started. The bound is a
+    # hang guard below the stall watchdog's 300 s (the refusal itself takes well under a second).
+    assert not small["wrote"] and small["seconds"] < 120, small
     for job, rows_dir in (("extract", schema.FEATURES_DIR), ("caption", schema.CAPTIONS_DIR)):
         assert report[job]["removed"] and report[job]["manifest"]["rows"] == 40, job
         assert report[job]["manifest"]["resources"]["actors"] == [2, 2], report[job]["manifest"]["resources"]
@@ -319,7 +322,7 @@ def test_zero_cpu_head_one_cpu_workers_too_small_nodes_fail_fast_and_a_lost_node
     print(f"multinode run: {time.monotonic() - started:.0f}s, too small refused in {small['seconds']:.1f}s, {seconds}")
 
 
-def _raycap(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def _raycap(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
         [sys.executable, "-m", "raycap.cli", *args],
@@ -327,7 +330,7 @@ def _raycap(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=HANG_SECONDS,
     )
 
 
@@ -335,7 +338,8 @@ def test_a_dead_address_fails_within_seconds_with_one_line(tiny_synth, tmp_path)
     from raycap.session import _check_reachable
 
     closed = _free_port()  # nothing listens there once the probe socket is closed
-    started = time.monotonic()
+    ray_temp = tmp_path / "ray-temp"  # where a Ray this command started or joined would keep its session
+    ray_temp.mkdir()
     done = _raycap(
         "extract",
         "--input",
@@ -346,13 +350,13 @@ def test_a_dead_address_fails_within_seconds_with_one_line(tiny_synth, tmp_path)
         "random",
         "--address",
         f"127.0.0.1:{closed}",
+        env={"RAY_TMPDIR": str(ray_temp)},
     )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"raycap extract: error: --address 127.0.0.1:{closed}: no Ray cluster answers at 127.0.0.1:{closed} "
         "(Connection refused); start one with `ray start --head`, or leave --address out for an embedded Ray"
     ], done.stderr[-3000:]
-    assert time.monotonic() - started < 60  # the interpreter's and torch's start-up; the probe gives up after 5 s
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not any(ray_temp.iterdir())  # refused before Ray was touched
     for address, flag in ((f"ray://127.0.0.1:{closed}", "--address"), (f"127.0.0.1:{closed}", "RAY_ADDRESS")):
         with pytest.raises(ValueError, match=rf"^{flag} {address}: no Ray cluster answers at 127.0.0.1:{closed} "):
             _check_reachable(address, flag)
@@ -376,7 +380,7 @@ def test_without_an_address_raycap_starts_its_own_ray_even_where_a_dead_cluster_
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=HANG_SECONDS,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         gcs = next(line for line in done.stdout.splitlines() if line.startswith("GCS "))[4:]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from jobs import extract as extract_job
 from raycap import pipeline, schema
-from tests.helpers import extract, mean_job
+from tests.helpers import HANG_SECONDS, extract, mean_job
 
 
 def _save(path: Path, img: Image.Image, fmt: str, **kwargs) -> None:
@@ -229,7 +229,7 @@ def test_killed_driver_then_rerun_is_exactly_once(tiny_synth, tmp_path):
     ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = out / schema.SHARDS_DIR
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + HANG_SECONDS
     while not (markers.exists() and any(markers.iterdir())):
         assert proc.poll() is None and time.monotonic() < deadline, "the driver never finished a shard"
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -237,7 +237,7 @@ def test_killed_driver_then_rerun_is_exactly_once(tiny_synth, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / schema.MANIFEST_FILE).exists()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
     assert manifest["rows"] == 40 and manifest["shards_this_run"] < 10  # finished shards were not redone

@@ -122,7 +122,9 @@ def test_watchdog_ends_a_run_whose_demand_ray_cannot_place(ray_session):
     started = time.monotonic()
     with pytest.raises(Unschedulable, match=r"no shard finished in 2s and Ray cannot place .*'CPU': 64"):
         list(watched(stuck(), 2.0, "shard"))
-    assert time.monotonic() - started < 30
+    # The message proves the watchdog fired after its 2 s limit; the bound (~30x the normal 2-4 s) only proves
+    # that it fired at all rather than waiting on Ray forever.
+    assert time.monotonic() - started < 120
     ray_session.cancel(ref, force=True)
     assert list(watched(iter(range(3)), 2.0, "shard")) == [0, 1, 2]
     assert pending_demands() is not None

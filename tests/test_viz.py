@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from raycap import viz
-from tests.helpers import write_predictions
+from tests.helpers import HANG_SECONDS, write_predictions
 
 
 def one_hot(cell: int) -> np.ndarray:
@@ -190,7 +190,7 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(tmp_path: Pat
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
     dom = done.stdout
     loaded = re.search(r'data-loaded="(\d+)"', dom)

@@ -19,6 +19,7 @@ from raycap import extract, schema, storage
 from raycap.config import ExtractConfig
 from raycap.encoder import FeatureExtractor, resolve_weights
 from raycap.images import decode_image
+from tests.helpers import HANG_SECONDS
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_imagenet_without_internet_fails_with_one_line_before_any_actor(tiny_syn
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=HANG_SECONDS,
         )
     finally:
         shutil.rmtree(temp, ignore_errors=True)
