@@ -96,9 +96,11 @@ def resolve(
                 continue  # only its scorers are carried; they import nothing beyond the standard library
             for dep in requirements_of(texts[name], set(req.extras), env):
                 dep_name = canonicalize_name(dep.name)
-                if dep_name not in GPU_MACHINE and dep_name not in needed and dep_name not in {
-                    canonicalize_name(f.name) for f in following
-                }:
+                if (
+                    dep_name not in GPU_MACHINE
+                    and dep_name not in needed
+                    and dep_name not in {canonicalize_name(f.name) for f in following}
+                ):
                     following.append(dep)
         wanted = following
     return sorted(needed)
