@@ -39,7 +39,7 @@ RAYCAP_EXTRA = {"pycocoevalcap": ("pycocoevalcap/bleu/", "pycocoevalcap/cider/",
 # What the GPU machine has (as lent: Python 3.12, torch 2.11 + CUDA 13), with the packages those bring along.
 GPU_MACHINE = frozenset(
     canonicalize_name(n)
-    for n in (
+    for n in (  # noqa: SIM905 - one word per package, commented by group
         "torch torchvision pyarrow pandas fsspec safetensors pillow numpy aiohttp grpcio protobuf msgpack click "
         "filelock pyyaml requests "
         # brought by torch: typing-extensions, sympy, networkx, jinja2; by aiohttp: attrs, yarl, multidict, ...;
@@ -63,7 +63,8 @@ def target_environment(python_version: str | None) -> dict[str, str]:
     if python_version:
         env |= {"python_version": python_version, "python_full_version": f"{python_version}.0",
                 "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-                "os_name": "posix", "implementation_name": "cpython", "platform_python_implementation": "CPython"}  # fmt: skip
+                "os_name": "posix", "implementation_name": "cpython",
+                "platform_python_implementation": "CPython"}  # fmt: skip
     return env
 
 
@@ -193,7 +194,8 @@ def build(names: list[str], files_of: Callable[[str], Iterator[tuple[str, Callab
             out.chmod(mode | 0o600)
             kept_bytes += len(data)
     manifest = {"target": target, "packages": {n: versions[n] for n in names}, "gpu_machine_has": sorted(GPU_MACHINE),
-                "stripped": STRIP.pattern, "unpacked_bytes": kept_bytes, "ray_stripped_bytes": stripped_bytes}  # fmt: skip
+                "stripped": STRIP.pattern, "unpacked_bytes": kept_bytes,
+                "ray_stripped_bytes": stripped_bytes}  # fmt: skip
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
