@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo-output
 
-.PHONY: help demo test test-fast lint bench clean
+.PHONY: help demo test test-fast lint bench gpu-bundle clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -43,6 +43,9 @@ bench: $(STAMP) ## the speed and memory benchmarks, each printing a ratio agains
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/caption.py
+
+gpu-bundle: $(STAMP) ## Ray + what the GPU machine lacks, for bench/gpu.py --bundle (cp312; PYVER=3.12, <= 40 MiB)
+	$(BIN)/python bench/gpu_bundle.py --python-version $(or $(PYVER),3.12)
 
 clean: ## remove the demo output, bench output and pytest cache
 	rm -rf $(DEMO) bench-output .pytest_cache
