@@ -28,7 +28,7 @@ demo: $(STAMP) ## synth -> extract -> train -> caption -> evaluate -> show on an
 	$(BIN)/python -m raycap.demo --output $(DEMO)
 
 test: lint ## lint, then the whole suite (under 15 min on 2 cores; the browser test skips without chromium)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 test-fast: lint ## the suite without multi-node clusters, killed workers and the end-to-end run (a few minutes)
 	$(BIN)/pytest -q -m "not multinode" -k "not killed and not test_pipeline_end_to_end"
