@@ -238,8 +238,7 @@ def _shard_dataset(job: ShardJob, res: dict[str, Any], parts: list[dict[str, Any
                 num_cpus=res["decode_cpus"],
                 fn_kwargs={"io": io, "decode": res["decode"]},
             )
-        # No more actors than shards to do: Ray Data warns about (and an autoscaler would start) actors that get no
-        # input, and each costs a worker process with torch loaded.
+        # No more actors than shards to do: an actor without a shard only costs a worker process with torch loaded.
         pending = sum(len(p["pending"]) for p in parts)
         min_actors, max_actors = (min(n, pending) for n in res["actors"])
         ds = ds.map_batches(
