@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import weakref
 
 import numpy as np
 import pyarrow as pa
@@ -68,15 +69,11 @@ def test_device_pixels_and_features_agree_with_the_pillow_path(photos):
 
 
 def test_files_the_device_may_not_take_go_through_the_cpu_path_exactly():
-    rotated = io.BytesIO()
-    exif = Image.Exif()
-    exif[0x0112] = 6  # displayed rotated by 90 degrees
-    Image.open(io.BytesIO(_photo(64, 32))).save(rotated, "JPEG", exif=exif)
     png = io.BytesIO()
     Image.new("RGBA", (10, 10), (255, 0, 0, 128)).save(png, "PNG")
     cmyk = _photo(40, 30, "CMYK")
-    files = [rotated.getvalue(), png.getvalue(), cmyk]
-    assert [devdecode.device_decodable(f, images.DEFAULT_MAX_PIXELS) for f in files] == [None] * 3
+    files = [png.getvalue(), cmyk]
+    assert [devdecode.device_decodable(f, images.DEFAULT_MAX_PIXELS) for f in files] == [None] * 2
     decoded = devdecode.decode_shard(_shard(files), "cpu", images.DEFAULT_MAX_PIXELS)
     for i, f in enumerate(files):
         cpu = images.decode_image(f)
@@ -85,7 +82,86 @@ def test_files_the_device_may_not_take_go_through_the_cpu_path_exactly():
             cpu.width,
             cpu.height,
         )
-    assert decoded.meta[schema.WIDTH][0].as_py() == 32  # upright: width and height swapped
+
+
+def _spy_decode_jpegs(monkeypatch) -> list[dict[str, int]]:
+    """Record each devdecode.decode_jpegs call: files, decoded (not refused), full-resolution pixels, and how
+    many full-resolution images of earlier calls are still alive when it starts."""
+    calls: list[dict[str, int]] = []
+    earlier: list[weakref.ref] = []
+    real = devdecode.decode_jpegs
+
+    def spy(files: list[bytes], device: torch.device | str) -> list[torch.Tensor | None]:
+        alive = sum(ref() is not None for ref in earlier)
+        out = real(files, device)
+        images_ = [t for t in out if t is not None]
+        pixels = sum(t.shape[1] * t.shape[2] for t in images_)
+        calls.append({"files": len(files), "decoded": len(images_), "pixels": pixels, "alive": alive})
+        earlier.extend(weakref.ref(t) for t in images_)
+        return out
+
+    monkeypatch.setattr(devdecode, "decode_jpegs", spy)
+    return calls
+
+
+def test_every_exif_orientation_is_decoded_on_the_device_as_on_the_cpu_path(monkeypatch):
+    files = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        files.append(_photo(64, 40, seed=orientation, exif=exif))
+    upright = [(64, 40)] * 4 + [(40, 64)] * 4  # orientations 5-8 turn the photo by 90 degrees
+    headers = [devdecode.device_decodable(f, images.DEFAULT_MAX_PIXELS) for f in files]
+    assert headers == [(*size, o) for size, o in zip(upright, range(1, 9))]
+    calls = _spy_decode_jpegs(monkeypatch)
+    decoded = devdecode.decode_shard(_shard(files), "cpu", images.DEFAULT_MAX_PIXELS)
+    assert sum(c["decoded"] for c in calls) == 8  # all on the device, none through the CPU path
+    for i, f in enumerate(files):
+        cpu = images.decode_image(f)
+        diff = np.abs(decoded.pixels[i].numpy().astype(int) - cpu.pixels.astype(int))
+        assert diff.mean() <= MEAN_LEVELS and diff.max() <= MAX_LEVELS, (i + 1, diff.mean(), diff.max())
+        assert (decoded.meta[schema.WIDTH][i].as_py(), decoded.meta[schema.HEIGHT][i].as_py()) == upright[i]
+        assert upright[i] == (cpu.width, cpu.height)
+
+
+def test_a_shard_is_decoded_in_chunks_within_the_pixel_budget(monkeypatch):
+    sizes = [(200, 150), (160, 120), (400, 300), (120, 90), (180, 140), (100, 80)]  # 8,000 .. 120,000 pixels
+    files = [_photo(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    whole = devdecode.decode_shard(_shard(files), "cpu", images.DEFAULT_MAX_PIXELS)  # the default budget: one call
+    budget = 60_000  # the 400x300 photo is over it alone: a chunk always takes at least one image
+    monkeypatch.setattr(devdecode, "DECODE_CHUNK_PIXELS", budget)
+    calls = _spy_decode_jpegs(monkeypatch)
+    chunked = devdecode.decode_shard(_shard(files), "cpu", images.DEFAULT_MAX_PIXELS)
+    assert len(calls) > 1 and sum(c["decoded"] for c in calls) == len(files)
+    assert all(c["pixels"] <= budget or c["files"] == 1 for c in calls), calls
+    assert all(c["alive"] == 0 for c in calls), calls  # at most one chunk at full resolution at a time
+    assert torch.equal(chunked.pixels, whole.pixels)
+    assert chunked.meta.equals(whole.meta)
+
+
+@pytest.mark.parametrize("where", ["batch", "per file"])
+def test_cuda_out_of_memory_is_raised_not_taken_for_a_refused_file(monkeypatch, photos, where):
+    import torchvision.io
+
+    def decode_jpeg(data, mode, device):
+        if isinstance(data, list) and where == "per file":
+            raise RuntimeError("the batch is refused")  # the per-file retry then runs out of memory
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    with pytest.raises(torch.OutOfMemoryError):
+        devdecode.decode_shard(_shard(photos[:2]), "cpu", images.DEFAULT_MAX_PIXELS)
+
+
+def test_files_the_device_decoder_refuses_take_the_cpu_path(monkeypatch, photos):
+    import torchvision.io
+
+    def decode_jpeg(data, mode, device):
+        raise RuntimeError("Unsupported marker type")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    decoded = devdecode.decode_shard(_shard(photos[:2]), "cpu", images.DEFAULT_MAX_PIXELS)
+    np.testing.assert_array_equal(decoded.pixels.numpy(), np.stack([images.decode_image(f).pixels for f in photos[:2]]))
 
 
 def test_bad_files_are_error_rows_worded_as_on_the_cpu_path(photos):
