@@ -3,8 +3,9 @@
 A shard is a fixed list of input files (the plan, stored with the output on the first run). Each shard
 travels through Ray Data as ONE row, so no stage can split it. On CPU nodes one stage does everything: a
 model actor reads its shard's files, decodes them, runs the model and writes the rows, then the commit
-marker (raycap/stages.py). In front of GPU actors, CPU tasks read and decode (or only read, for decoding on
-the GPU), so that the GPU never waits for the CPU. A shard is finished when its marker exists; reruns skip
+marker (raycap/stages.py). In front of GPU actors that take Pillow's pixels, CPU tasks read and decode, so
+that the GPU never waits for the CPU; GPU actors that decode on their device read their own shards' bytes (no
+trip through a CPU node). A shard is finished when its marker exists; reruns skip
 finished shards and redo the others, which overwrite their deterministic file names, so rows are never
 duplicated or lost. This is the only module that sets concurrency, num_gpus and batch sizes.
 """
@@ -51,7 +52,7 @@ class ShardJob:
     storage_options: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
     incremental: bool = False  # relist the input and plan new shards for files added since the plan
-    decode_tasks: bool | None = None  # read and decode in CPU tasks before the actors; None: when actors hold GPUs
+    decode_tasks: bool | None = None  # read and decode in CPU tasks before the actors; None: GPU actors, CPU decode
 
     @classmethod
     def from_config(cls, config: PipelineConfig, **job: Any) -> ShardJob:
@@ -89,14 +90,14 @@ class TooManyErrors(RuntimeError):
     """More images failed than --max-errors allows."""
 
 
-def inflight_bytes(shard_size: int, actors: int, row_bytes: int, decode_tasks: bool = True) -> int:
+def inflight_bytes(shard_size: int, actors: int, row_bytes: int, decode_tasks: bool = True, in_flight: int = 1) -> int:
     """The run's expected working set of shards (pixels and rows), recorded in the manifest. When decode tasks
     feed the actors (GPU nodes), decoded shards wait in the object store: per actor the shard it works on and
     one queued, plus a few in between (bench/memory.py measures the store's peak; Ray Data's executor budget,
-    half the store, is the hard bound). Actors that read their own shards hold one each in their own memory,
-    and the store none."""
+    half the store, is the hard bound). Actors that read their own shards hold `in_flight` each in their own
+    memory, and the store none."""
     pixel_bytes = int(np.prod(shards.PIXEL_SHAPE))
-    return (2 * actors + 4 if decode_tasks else actors) * shard_size * (pixel_bytes + row_bytes)
+    return (2 * actors + 4 if decode_tasks else in_flight * actors) * shard_size * (pixel_bytes + row_bytes)
 
 
 def plan_resources(job: ShardJob) -> dict[str, Any]:
@@ -113,18 +114,21 @@ def settle_resources(job: ShardJob, planned: dict[str, Any]) -> dict[str, Any]:
     images are decoded and whether decode tasks feed the actors, the last three by the actor's device.
 
     CPU actors read and decode their own shards: a task in front of them would decode on the same cores and
-    only add a worker process and a trip of the pixels through the object store. GPU actors are fed by CPU
-    tasks, so that the GPU's time goes to the model."""
+    only add a worker process and a trip of the pixels through the object store. GPU actors that take Pillow's
+    pixels are fed by CPU tasks, so that the GPU's time goes to the model; GPU actors that decode on their
+    device read their own shards' bytes: a task that only read them would send every byte store -> CPU node ->
+    GPU node."""
     gpu = planned["num_gpus"] > 0
+    decode = "device" if job.decode == "device" or (job.decode == "auto" and gpu) else "cpu"
     settled = {
         "batch_size": job.batch_size or (GPU_BATCH if gpu else CPU_BATCH),
-        "decode": "device" if job.decode == "device" or (job.decode == "auto" and gpu) else "cpu",
-        "decode_tasks": gpu if job.decode_tasks is None else job.decode_tasks,
+        "decode": decode,
+        "decode_tasks": (gpu and decode == "cpu") if job.decode_tasks is None else job.decode_tasks,
     }
-    # Actors fed by decode tasks take two shards at a time: one forward pass on the device while the other shard
-    # is unpacked or written. Actors that read their own shards take one: a shard takes seconds there, and a free
-    # actor takes the next one, so none sits in another actor's queue at the end.
-    settled["in_flight"] = 2 if settled["decode_tasks"] else 1
+    # GPU actors take two shards at a time: one forward pass on the device while the other shard is read,
+    # unpacked or written. CPU actors take one: a shard takes seconds there, and a free actor takes the next
+    # one, so none sits in another actor's queue at the end.
+    settled["in_flight"] = 2 if gpu or settled["decode_tasks"] else 1
     if job.actor_cpus is not None:
         settled["actor_cpus"] = job.actor_cpus
     if job.decode_cpus is not None:
@@ -156,7 +160,9 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         + ("" if pending else ": nothing to do")
     )
     errors_so_far = sum(e for _, e in done.values())
-    inflight = inflight_bytes(shard_plan.shard_size, res["actors"][1], job.row_bytes, res["decode_tasks"])
+    inflight = inflight_bytes(
+        shard_plan.shard_size, res["actors"][1], job.row_bytes, res["decode_tasks"], res["in_flight"]
+    )
     finished_before = set(done)
     if parts:
         lines = plan.Progress(shard_plan.shards, shard_plan.files, done, progress, every_seconds=progress_seconds)

@@ -172,3 +172,20 @@ def test_real_model_stages_take_the_wire_format_with_cpu_or_device_decoding(fold
         assert schema.features_to_numpy(rows[schema.FEATURES]).shape == (2, 64, 2048)
         rows = pq.read_table(tmp_path / "out" / schema.CAPTIONS_DIR / "shard-000000.parquet")
         assert rows.schema.equals(schema.CAPTIONS_SCHEMA) and rows.num_rows == 2
+
+
+@pytest.mark.parametrize(
+    ("gpus", "decode", "expected"),
+    [
+        (1, "auto", ("device", False, 2)),  # the GPU actor reads its own shard's bytes and decodes them there
+        (1, "device", ("device", False, 2)),
+        (1, "cpu", ("cpu", True, 2)),  # Pillow's pixels come from CPU tasks, so the GPU never waits for them
+        (0, "auto", ("cpu", False, 1)),  # CPU actors read and decode their own shards
+        (0, "device", ("device", False, 1)),
+    ],
+)
+def test_only_pillow_decoding_puts_cpu_tasks_in_front_of_gpu_actors(gpus, decode, expected):
+    job = pipeline.ShardJob("in", "out", schema.FEATURES_DIR, MeanModel, {}, decode=decode)
+    settled = pipeline.settle_resources(job, {"num_gpus": gpus})
+    assert (settled["decode"], settled["decode_tasks"], settled["in_flight"]) == expected
+    assert settled["batch_size"] == (pipeline.GPU_BATCH if gpus else pipeline.CPU_BATCH)
