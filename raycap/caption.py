@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from raycap import pipeline, schema, stages
 from raycap.config import CaptionConfig
-from raycap.encoder import EncoderWeights, FeatureExtractor, resolve_weights
+from raycap.encoder import EncoderWeights, FeatureExtractor, autocast, resolve_weights
 from raycap.model import beam_search
 from raycap.modeldir import LoadedModel, load_model_dir
 
@@ -46,12 +45,9 @@ class CaptionModel(stages.ShardModel):
         for i in range(0, len(pixels), step):
             # Round through the stored feature dtype: the decoder sees what it saw in training.
             features = self.extractor(pixels[i : i + step]).to(self.feature_dtype).float()  # (b, 64, 2048)
-            autocast = (
-                torch.autocast(self.extractor.device.type, dtype=torch.bfloat16)
-                if self.extractor.precision == "bf16" and self.extractor.device.type == "cuda"
-                else nullcontext()
-            )
-            with autocast:
+            # The decoder autocasts on GPUs only (bf16, or fp16 where the GPU lacks bf16); on a CPU it runs in fp32.
+            device_type = self.extractor.device.type
+            with autocast(self.extractor.precision if device_type == "cuda" else "fp32", device_type):
                 gen = beam_search(
                     self.model,
                     features,

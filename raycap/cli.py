@@ -63,8 +63,8 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="model precision (auto: bf16 on GPUs and CPUs with native bf16)",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="model precision (auto: bf16 on GPUs and CPUs with native bf16, fp16 on GPUs without it: T4, V100)",
     )
     p.add_argument(
         "--decode",

@@ -54,7 +54,7 @@ class PipelineConfig:
     output: str  # output root; rerunning into the same root resumes
     shard_size: int | None = None  # images per output shard (retry, resume, file); None: ~8 per actor, 32..256
     batch_size: int | None = None  # images per model forward; None: 16 on CPU, 128 on GPU
-    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on GPUs and on CPUs with native bf16)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs and CPUs that have it, fp16 on older GPUs)
     decode: str = "auto"  # cpu | device | auto: where JPEGs are decoded (auto: on the model's GPU when it has one)
     actors: tuple[int, int] | None = None  # (min, max) model actors; None: one per GPU, or sized to CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
@@ -70,8 +70,8 @@ class PipelineConfig:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.decode not in ("cpu", "device", "auto"):
             raise ValueError(f"--decode must be cpu, device or auto, got {self.decode!r}")
         if self.actors is not None and not (1 <= self.actors[0] <= self.actors[1]):

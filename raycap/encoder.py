@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections import OrderedDict
-from contextlib import nullcontext, redirect_stdout
+from contextlib import AbstractContextManager, nullcontext, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,13 +61,42 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} cores ({wanted})"
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 on CUDA or a CPU with native bf16, fp32 otherwise."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32 runs without autocast
+
+
+def select_precision(requested: str, device_type: str, bf16_supported: bool, training: bool = False) -> str:
+    """`--precision` -> what a model runs in on this device: bf16 | fp16 | fp32 (pure: support is an argument).
+
+    auto on CUDA: bf16 where the GPU has it natively (compute capability 8+: A100, L4, H100), else fp16 (T4, V100;
+    training then scales the loss). auto on a CPU: bf16 only with native bf16 (AMX, AVX512-BF16), and fp32 in
+    training. An explicit bf16 on a GPU without it is a user mistake (one ValueError line); on a CPU an explicit
+    bf16 or fp16 is honoured, emulated where not native (slow, as asked).
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {requested!r}")
+    if device_type == "cuda":
+        if requested == "bf16" and not bf16_supported:
+            raise ValueError("--precision bf16: this GPU has no native bf16 (e.g. T4, V100); use fp16, fp32 or auto")
+        if requested == "auto":
+            return "bf16" if bf16_supported else "fp16"
+        return requested
+    if requested == "auto":
+        return "bf16" if bf16_supported and not training else "fp32"
+    return requested
+
+
+def resolve_precision(precision: str, device: torch.device, training: bool = False) -> str:
+    """`select_precision` with this device's bf16 support (on CUDA: native only, emulation does not count)."""
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else cpu_supports_bf16()
+    return select_precision(precision, device.type, bf16, training)
+
+
+def autocast(precision: str, device_type: str) -> AbstractContextManager:
+    """The autocast context of a resolved precision (bf16 | fp16); fp32 runs as is."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device_type, dtype=AUTOCAST_DTYPES[precision])
+    return nullcontext()
 
 
 @dataclass(frozen=True)
@@ -203,11 +232,6 @@ class FeatureExtractor:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.trunk = trunk.to(memory_format=self.memory_format)  # channels_last: oneDNN's and cuDNN's fast layout
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, 299, 299, 3) uint8 -> (B, 64, 2048) float32 on this extractor's device."""
@@ -218,7 +242,7 @@ class FeatureExtractor:
                 chunk = torch.from_numpy(np.array(chunk))
             chunk = chunk.to(self.device, non_blocking=True)  # uint8 over the bus, unless decoded there
             x = preprocess(chunk).contiguous(memory_format=self.memory_format)
-            with self._autocast():
+            with autocast(self.precision, self.device.type):
                 y = self.trunk(x)  # (b, 2048, 8, 8)
             outputs.append(y.float().flatten(2).transpose(1, 2))  # (b, 64, 2048), regions row-major
         if not outputs:

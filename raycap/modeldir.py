@@ -179,13 +179,22 @@ def read_checkpoint_weights(location: str, storage_options: dict[str, Any] | Non
     return load_tensors(storage.read_bytes(storage.join(location, WEIGHTS), storage_options, "checkpoint"))
 
 
-def load_checkpoint(
-    location: str, storage_options: dict[str, Any] | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore the model and optimizer from a checkpoint at a local path or URI; returns its state."""
-    model.load_state_dict(read_checkpoint_weights(location, storage_options))
-    load_optimizer(optimizer, storage.read_bytes(storage.join(location, OPTIMIZER), storage_options, "checkpoint"))
-    return read_checkpoint_state(location, storage_options)
+@dataclass
+class TrainingCheckpoint:
+    """A checkpoint read into memory, to apply in the order training needs (weights, device move, optimizer)."""
+
+    weights: dict[str, torch.Tensor]  # the captioner's state dict (on the CPU)
+    optimizer: bytes  # Adam's state, as `optimizer_bytes` wrote it (load with `load_optimizer`)
+    state: dict[str, Any]  # {"epoch", "step", "history"}
+
+
+def read_checkpoint(location: str, storage_options: dict[str, Any] | None = None) -> TrainingCheckpoint:
+    """A checkpoint at a local path or URI, read whole: usable after a temporary checkpoint folder is gone."""
+    return TrainingCheckpoint(
+        read_checkpoint_weights(location, storage_options),
+        storage.read_bytes(storage.join(location, OPTIMIZER), storage_options, "checkpoint"),
+        read_checkpoint_state(location, storage_options),
+    )
 
 
 def latest_checkpoint(run_root: str, storage_options: dict[str, Any] | None = None) -> str | None:

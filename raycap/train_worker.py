@@ -6,6 +6,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from raycap import modeldir, schema
 from raycap.config import TrainConfig
+from raycap.encoder import autocast, resolve_precision
 from raycap.ingest import WorkerFeatures, caption_batch
 from raycap.metrics import caption_scores
 from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
@@ -86,8 +88,8 @@ def validate(
     return metrics
 
 
-def _restore(cfg: WorkerConfig, model: Captioner, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-    """The state of the checkpoint to continue from, after loading it into `model` and `optimizer`.
+def _checkpoint(cfg: WorkerConfig) -> modeldir.TrainingCheckpoint | None:
+    """The checkpoint to continue from, read into memory; None: start fresh.
 
     Within a run Ray Train hands back the last reported checkpoint after a failure; a rerun of the same
     command starts from the newest checkpoint of the earlier runs (Train V2 has no resume_from_checkpoint).
@@ -95,10 +97,54 @@ def _restore(cfg: WorkerConfig, model: Captioner, optimizer: torch.optim.Optimiz
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            return modeldir.load_checkpoint(d, None, model, optimizer)
+            return modeldir.read_checkpoint(d)
     if cfg.resume:
-        return modeldir.load_checkpoint(cfg.resume, cfg.storage_options, model, optimizer)
+        return modeldir.read_checkpoint(cfg.resume, cfg.storage_options)
     return None
+
+
+def build_model_and_optimizer(
+    cfg: WorkerConfig,
+    checkpoint: modeldir.TrainingCheckpoint | None,
+    place: Callable[[torch.nn.Module], torch.nn.Module],
+) -> tuple[torch.nn.Module, Captioner, torch.optim.Optimizer]:
+    """The placed model (`place`: device move and DDP wrap), its bare Captioner, and Adam over the placed parameters.
+
+    The order matters: weights, then `place`, then Adam and its restored state, which load_state_dict casts to
+    each parameter's device. Adam restored before the move keeps its state on the CPU, and the first step on a GPU
+    after a resume fails on mixed devices.
+    """
+    model = Captioner(cfg.model)
+    model.encoder.set_normalization(torch.tensor(cfg.feature_mean), torch.tensor(cfg.feature_std))
+    if checkpoint:
+        model.load_state_dict(checkpoint.weights)
+    placed = place(model)
+    core: Captioner = placed.module if hasattr(placed, "module") else placed
+    optimizer = torch.optim.Adam(placed.parameters(), lr=cfg.settings.learning_rate)
+    if checkpoint:
+        modeldir.load_optimizer(optimizer, checkpoint.optimizer)
+    return placed, core, optimizer
+
+
+def loss_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16, whose small gradients underflow to zero unscaled; a no-op for bf16 and fp32."""
+    return torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss: torch.Tensor,
+    grad_clip: float,
+) -> None:
+    """Backward (through the loss scale), clip the global norm of the true gradients, step (skipped on inf/NaN)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the gradients, not the scaled gradients
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def train_loop_per_worker(cfg: WorkerConfig) -> None:
@@ -111,19 +157,17 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     vocab = Vocabulary.from_json(cfg.vocab_json)
-    model = Captioner(cfg.model)
-    model.encoder.set_normalization(torch.tensor(cfg.feature_mean), torch.tensor(cfg.feature_std))
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
-    state = _restore(cfg, model, optimizer)
+    checkpoint = _checkpoint(cfg)
+    model, core, optimizer = build_model_and_optimizer(cfg, checkpoint, ray.train.torch.prepare_model)
+    state = checkpoint.state if checkpoint else None
     start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
     history: list[dict[str, Any]] = state["history"] if state else []
     resumed_from = state["epoch"] if state else None
-    model = ray.train.torch.prepare_model(model)
-    core: Captioner = model.module if hasattr(model, "module") else model
+    precision = resolve_precision("auto", device, training=True)  # bf16 or fp16 on GPUs, fp32 on CPUs
+    scaler = loss_scaler(precision, device.type)
     train_features = WorkerFeatures(ray.train.get_dataset_shard("train"), s.batch_size, s.seed, int(s.cache_gb * 2**30))
     val_shard = ray.train.get_dataset_shard("val")
     val_batches: list[pa.Table] | None = None  # the val split is small: read once, kept by rank 0
-    autocast = device.type == "cuda"
     run_started = time.time()  # for the ETA: the mean epoch of this run (validation included) times epochs left
     for epoch in range(start_epoch, s.epochs):
         model.train()
@@ -140,13 +184,10 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             caps, index, weights = caps.to(device), index.to(device), weights.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = s.learning_rate * lr_factor(step, s.warmup_steps, cfg.total_steps)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with autocast(precision, device.type):
                 logits, alphas = model(feats, caps, index)
                 loss = caption_loss(logits, alphas, caps, s.attention_penalty, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
+            optimizer_step(model, optimizer, scaler, loss, s.grad_clip)
             step += 1
             batches += 1
             samples += int(weights.sum())

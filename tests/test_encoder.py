@@ -3,7 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from raycap.encoder import FeatureExtractor, preprocess, resolve_precision
+from raycap import encoder
+from raycap.encoder import FeatureExtractor, autocast, preprocess, resolve_precision, select_precision
 
 
 def test_preprocessing_matches_torchvision_inception_weights():
@@ -64,7 +65,44 @@ def test_weights_and_precision_arguments_are_checked(tmp_path):
         FeatureExtractor(str(bad))
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", torch.device("cpu"))
-    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+GPUS = {"V100": False, "T4": False, "A100": True, "H100": True}  # native bf16 needs compute capability 8+
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("training", [False, True])
+def test_auto_precision_on_a_gpu_is_bf16_only_where_the_gpu_has_it(gpu, training, monkeypatch):
+    bf16 = GPUS[gpu]
+    # As torch's: with emulation counted (its default) a T4 says yes; only native bf16 may pick bf16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda, training=training) == ("bf16" if bf16 else "fp16")
+    assert resolve_precision("fp16", cuda, training=training) == "fp16"
+    assert resolve_precision("fp32", cuda, training=training) == "fp32"
+    if bf16:
+        assert resolve_precision("bf16", cuda) == "bf16"
+    else:
+        with pytest.raises(ValueError, match="no native bf16") as e:
+            resolve_precision("bf16", cuda)
+        assert "\n" not in str(e.value) and "fp16" in str(e.value)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_on_a_cpu_is_bf16_with_native_bf16_and_fp32_in_training(native, monkeypatch):
+    monkeypatch.setattr(encoder, "cpu_supports_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", cpu, training=True) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated where not native, as before
+    assert select_precision("auto", "cpu", bf16_supported=native) == resolve_precision("auto", cpu)
+
+
+def test_fp16_autocasts_to_float16_and_fp32_does_not_autocast():
+    x = torch.ones(2, 2)
+    for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        with autocast(precision, "cpu"):
+            assert (x @ x).dtype == dtype
 
 
 def test_weights_from_a_state_dict_file(tmp_path, extractor):
