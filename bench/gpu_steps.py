@@ -63,12 +63,16 @@ def model(args: argparse.Namespace) -> None:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             extractor.batch_size = batch
             pixels = torch.randint(0, 256, (batch, 299, 299, 3), dtype=torch.uint8, device=args.device)
+            mode = "torch.compile" if compiled else "eager"
             started = time.perf_counter()
-            for _ in range(3):  # warm-up: cuDNN's algorithm search, and the compilation
-                extractor(pixels)
+            try:
+                for _ in range(3):  # warm-up: cuDNN's algorithm search, and the compilation
+                    extractor(pixels)
+            except Exception as e:  # noqa: BLE001 - a compiler that fails here is a figure, not the end of the check
+                emit({f"model {mode}, batch {batch}: error": f"{type(e).__name__}: {str(e)[:300]}"})
+                break
             _sync(args.device)
             warmup = time.perf_counter() - started
-            mode = "torch.compile" if compiled else "eager"
             rate = _rate(lambda e=extractor, p=pixels: e(p), batch, args.batches, args.device)
             emit({f"model {mode} bf16 channels_last, batch {batch}: images/s": rate,
                   f"model {mode}, batch {batch}: warm-up s": round(warmup, 1)})  # fmt: skip
