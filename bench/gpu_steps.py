@@ -94,35 +94,19 @@ def photo(width: int, height: int, seed: int) -> bytes:
     return out.getvalue()
 
 
-def file_shard(files: list[bytes]):
-    """The files as the shard of bytes that GPU actors decode (raycap.shards' wire format)."""
-    import pyarrow as pa
-
-    from raycap import schema, shards
-
-    names = [f"photo-{i}.jpg" for i in range(len(files))]
-    meta = pa.table(
-        {schema.IMAGE_ID: names, schema.PATH: names, schema.WIDTH: [None] * len(files),
-         schema.HEIGHT: [None] * len(files), shards.DATA: files},
-        schema=shards.META_SCHEMA.append(pa.field(shards.DATA, pa.large_binary())),
-    )  # fmt: skip
-    return shards.Shard(0, meta)
-
-
 def decode(args: argparse.Namespace) -> None:
     """Per JPEG size: raycap's device decoder on one shard vs Pillow (images.decode_image) on every CPU core."""
-    from raycap import devdecode, images
+    from raycap import devdecode, images, shards
 
-    cores = os.cpu_count() or 1
+    cores, max_pixels, device = os.cpu_count() or 1, images.DEFAULT_MAX_PIXELS, args.device
     for size in args.photo_sizes.split(","):
         width, height = (int(v) for v in size.split("x"))
         distinct = [photo(width, height, seed) for seed in range(4)]  # encoding is slow; decoding costs the same
         files = [distinct[i % len(distinct)] for i in range(args.photos)]
-        devdecode.decode_shard(file_shard(files[:2]), args.device, images.DEFAULT_MAX_PIXELS)  # nvJPEG's start
-        on_device = _rate(
-            lambda f=files: devdecode.decode_shard(file_shard(f), args.device, images.DEFAULT_MAX_PIXELS),
-            len(files), 1, args.device,
-        )  # fmt: skip
+        names = [f"photo-{i}.jpg" for i in range(len(files))]
+        shard = shards.of_files(0, names, names, files)
+        devdecode.decode_shard(shards.of_files(0, names[:2], names[:2], files[:2]), device, max_pixels)  # warm-up
+        on_device = _rate(lambda s=shard: devdecode.decode_shard(s, device, max_pixels), len(files), 1, device)
         with ThreadPoolExecutor(cores) as pool:  # Pillow releases the GIL while it decodes and resizes
             pillow = _rate(lambda f=files: list(pool.map(images.decode_image, f)), len(files), 1, "cpu")
         emit({f"decode {size} on {args.device}: images/s": on_device,

@@ -66,6 +66,15 @@ class Shard:
         return DATA in self.meta.column_names
 
 
+def of_files(
+    shard: int, ids: list[str], paths: list[str], files: list[bytes], errors: pa.Table = EMPTY_ERRORS
+) -> Shard:
+    """A shard of file bytes awaiting decoding on the model's device (width and height: known once decoded)."""
+    unknown = [None] * len(files)
+    meta = pa.table([ids, paths, unknown, unknown, files], schema=META_SCHEMA.append(pa.field(DATA, pa.large_binary())))
+    return Shard(shard, meta, errors)
+
+
 def pack(shards: list[Shard]) -> pa.Table:
     """Shards -> one row each. Pixels (or file bytes, in meta) are wrapped, not copied; meta and errors become
     small Arrow IPC buffers."""

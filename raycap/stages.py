@@ -52,12 +52,7 @@ def read_shard(io: ShardIO, shard: int, ids: list[str], decode: bool, workers: i
             found.append((image_id, display, data))
     if not decode:
         ids_found, displays, files = (list(column) for column in zip(*found)) if found else ([], [], [])
-        unknown = [None] * len(found)  # width and height: known once decoded
-        meta = pa.table(
-            [ids_found, displays, unknown, unknown, files],
-            schema=shards.META_SCHEMA.append(pa.field(shards.DATA, pa.large_binary())),
-        )
-        return shards.Shard(shard, meta, shards.error_table(*errors))
+        return shards.of_files(shard, ids_found, displays, files, shards.error_table(*errors))
     pixels = np.empty((len(found), *shards.PIXEL_SHAPE), dtype=np.uint8)
     meta: dict[str, list] = {name: [] for name in shards.META_SCHEMA.names}
     for (image_id, display, _), result in zip(found, _decode_all([f[2] for f in found], io.max_pixels, workers)):

@@ -6,7 +6,6 @@ import io
 import weakref
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -38,12 +37,7 @@ def _photo(width: int, height: int, mode: str = "RGB", seed: int = 0, **save) ->
 
 def _shard(files: list[bytes]) -> shards.Shard:
     names = [f"f{i}.jpg" for i in range(len(files))]
-    meta = pa.table(
-        {schema.IMAGE_ID: names, schema.PATH: names, schema.WIDTH: [None] * len(files),
-         schema.HEIGHT: [None] * len(files), shards.DATA: files},
-        schema=shards.META_SCHEMA.append(pa.field(shards.DATA, pa.large_binary())),
-    )  # fmt: skip
-    return shards.Shard(0, meta)
+    return shards.of_files(0, names, names, files)
 
 
 @pytest.fixture(scope="module")
