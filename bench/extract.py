@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"raycap extract steady state ({short['images']} then {whole['images']} images, the difference): "
-        f"{steady:.2f} images/s, {steady_cpu:.3f} CPU s per image"
+        f"{steady:.2f} images/s, {steady_cpu:.3f} CPU s per image; fixed cost (whole command minus the steady "
+        f"state) {whole['seconds'] - whole['images'] / steady:.1f} s"
     )
     print(
         f"ratio whole command / own model alone: {ours / our_model:.2f} (target >= 0.85); pipeline alone "

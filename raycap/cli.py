@@ -24,7 +24,7 @@ from typing import Any
 from raycap import plan
 from raycap.config import VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
 from raycap.images import DEFAULT_MAX_PIXELS
-from raycap.session import init_ray, init_ray_while, quiet_ray
+from raycap.session import exit_now, init_ray, init_ray_while, quiet_ray
 
 # Every numeric TrainConfig field is a `raycap train` flag of the same name (--epochs, --batch-size, ...).
 TRAIN_NUMBERS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "int | None")]
@@ -324,10 +324,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `raycap` command: main, then exit at once (session.exit_now)."""
+    exit_now(main())
+
+
 def run_job(command: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of jobs/<command>.py: the same flags as `raycap <command>`."""
     return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -31,6 +31,9 @@ QUIET_RAY_ENV = {
 }
 
 
+_embedded = False  # whether this process started the Ray it uses (see exit_now)
+
+
 def quiet_ray() -> None:
     """Keep Ray's own log lines out of the terminal unless --verbose or RAYCAP_VERBOSE=1; errors still show.
 
@@ -66,6 +69,7 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
         return
     address, flag = _given_address(address)
     if address is None:
+        global _embedded
         ray.init(
             address="local",
             include_dashboard=dashboard,
@@ -73,6 +77,7 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
             logging_level=logging.ERROR,  # no start-up chatter
             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
         )
+        _embedded = True
     else:
         _check_reachable(address, flag)
         ray.init(address=address, log_to_driver=True)
@@ -135,3 +140,14 @@ def _check_reachable(address: str, flag: str, timeout: float = 5.0) -> None:
             f"{flag} {address}: no Ray cluster answers at {host}:{port} ({reason}); start one with "
             "`ray start --head`, or leave --address out for an embedded Ray"
         ) from None
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code`. When it started an embedded Ray, without waiting on teardown (seconds): every
+    output is written and committed before a command returns, and Ray's processes share this one's fate (they
+    die with it), so the teardown protects no data."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _embedded:
+        os._exit(code)
+    sys.exit(code)
