@@ -30,8 +30,8 @@ demo: $(STAMP) ## synth -> extract -> train -> caption -> evaluate -> show on an
 test: lint ## lint, then the whole suite (under 15 min on 2 cores; the browser test skips without chromium)
 	$(BIN)/pytest -q --durations=10
 
-test-fast: lint ## the suite without multi-node clusters, killed workers and the end-to-end run (a few minutes)
-	$(BIN)/pytest -q -m "not multinode" -k "not killed and not test_pipeline_end_to_end"
+test-fast: lint ## unit tests and the quick Ray integration tests: no slow or multi-node tests (under 3 min on 2 cores)
+	$(BIN)/pytest -q -m "not slow and not multinode" --durations=5
 
 lint: $(STAMP) ## ruff check and ruff format --check, everywhere
 	$(BIN)/ruff check .

@@ -177,6 +177,7 @@ def _s3_ids(uri: str, rows_dir: str, env: dict, listing: bool = False) -> list[s
 
 
 @pytest.mark.multinode
+@pytest.mark.slow
 def test_job_submit_with_token_auth(s3_images, tmp_path):
     """docs/operations.md's "From zero to captions on AWS" after `ray up`: a token-authenticated head, then
     `ray job submit --working-dir .` of jobs/extract.py, jobs/train.py and jobs/caption.py, every path on S3:
@@ -364,6 +365,7 @@ def test_a_dead_address_fails_within_seconds_with_one_line(tiny_synth, tmp_path)
         _check_reachable("nowhere", "--address")
 
 
+@pytest.mark.slow
 def test_without_an_address_raycap_starts_its_own_ray_even_where_a_dead_cluster_was_the_last(tmp_path):
     """Ray's own rule would join the last cluster started on the machine (ray_current_cluster) and retry it."""
     temp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # Ray's socket paths must stay short

@@ -75,6 +75,7 @@ def s3_data(s3_server, tiny_synth):
     return fs, f"s3://{bucket}"
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_with_every_path_on_s3(ray_session, s3_data, s3_server, tmp_path, monkeypatch):
     import ray
 

@@ -129,6 +129,7 @@ def test_decode_tasks_feeding_actors_two_shards_at_a_time_give_each_file_once(ra
     assert plain[schema.WIDTH] == 320 and 100 < plain["mean"] < 155  # uniform noise averages ~127
 
 
+@pytest.mark.slow
 def test_max_errors_fails_fast_with_one_line(ray_session, tmp_path, capsys):
     src = tmp_path / "corpus"
     make_corpus(src)
@@ -148,6 +149,7 @@ def test_auto_shard_size_gives_each_actor_about_eight_shards():
     assert pipeline.inflight_bytes(100, 2, 0, decode_tasks=False) == 2 * 100 * 299 * 299 * 3  # one per actor
 
 
+@pytest.mark.slow
 def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_synth, tmp_path):
     out = tmp_path / "out"
     assert extract(tiny_synth / "images", out, "--shard-size", "8") == 0
@@ -168,6 +170,7 @@ def test_rerun_resumes_only_unfinished_shards_exactly_once(ray_session, tiny_syn
     assert json.loads((out / schema.MANIFEST_FILE).read_text())["shards_this_run"] == 0
 
 
+@pytest.mark.slow
 def test_rerun_with_another_input_is_refused(ray_session, tiny_synth, tmp_path, capsys):
     out = tmp_path / "out"
     other = tmp_path / "other"
@@ -177,6 +180,7 @@ def test_rerun_with_another_input_is_refused(ray_session, tiny_synth, tmp_path, 
     assert "another input" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_s3_round_trip_through_moto_server(ray_session, tiny_synth, s3_server):
     import s3fs
 
@@ -210,6 +214,7 @@ def test_s3_round_trip_through_moto_server(ray_session, tiny_synth, s3_server):
     assert manifest["rows"] == 40 and manifest["output"] == "s3://raycap-test/out"
 
 
+@pytest.mark.slow
 def test_killed_driver_then_rerun_is_exactly_once(tiny_synth, tmp_path):
     """SIGKILL the whole driver (embedded Ray included) after its first finished shard, then rerun."""
     out = tmp_path / "out"

@@ -59,6 +59,7 @@ def test_bad_arguments_are_refused_before_anything_runs(capsys):
         assert named in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_steps_run_in_order_and_stop_cleanly_at_the_budget_with_what_they_measured(tmp_path):
     """On CPU with tiny sizes and 60 s: the model and decode steps finish, the pipeline's raycap commands (tens of
     seconds each here) are stopped at the budget and the rest skipped; every figure is in the JSON."""

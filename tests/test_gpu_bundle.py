@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -90,6 +91,7 @@ def _gpu_machine(into: Path) -> Path:
     return into
 
 
+@pytest.mark.slow
 def test_a_fresh_interpreter_with_only_the_bundle_runs_ray_data_and_a_torch_trainer(tmp_path):
     bundle = tmp_path / "bundle"
     assert gpu_bundle.main(["--from-installed", "--no-compress", "--output", str(bundle)]) == 0

@@ -114,6 +114,7 @@ def test_progress_prints_every_tenth_of_the_shards_or_interval():
     assert lines[-1].startswith("progress: 1/100 shards")  # 30 s passed, though only 1% finished
 
 
+@pytest.mark.slow
 def test_incremental_run_processes_new_files_once_and_prints_progress(ray_session, tiny_synth, tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     images = sorted((tiny_synth / "images").iterdir())
@@ -164,6 +165,7 @@ def _plan_only_peak_rss(src: Path, out: Path) -> tuple[int, str]:
     return usage.ru_maxrss, proc.stdout.read().strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_plan_only_memory_does_not_grow_with_the_listing(tmp_path):
     peaks = {}
     for n in (10_000, 100_000):

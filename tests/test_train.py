@@ -219,6 +219,7 @@ def _history(bucket) -> list[dict]:
     return [json.loads(line) for line in fs.cat_file(f"{name}/model/{modeldir.METRICS}").decode().splitlines()]
 
 
+@pytest.mark.slow
 def test_rerun_of_the_same_command_resumes_from_s3(ray_session, tiny_synth, tiny_features, bucket, s3_server):
     cached = ["--cache-gb", "1"]  # and the in-worker feature cache, through a real DDP run
     assert train_job.main([*_train_args(tiny_synth, tiny_features, bucket, s3_server, 1), *cached]) == 0
@@ -233,6 +234,7 @@ def test_rerun_of_the_same_command_resumes_from_s3(ray_session, tiny_synth, tiny
     assert float(loaded.model.encoder.feature_scale.mean()) != 1.0  # normalisation saved with the weights
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_s3_checkpoint(ray_session, tiny_synth, tiny_features, bucket, s3_server):
     runs = f"s3://{bucket[1]}/model{train.RUNS_SUFFIX}"
     result: dict = {}

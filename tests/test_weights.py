@@ -32,6 +32,7 @@ def weights_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_imagenet_without_internet_fails_with_one_line_before_any_actor(tiny_synth, tmp_path):
     """The README's first command, as typed, on a machine that cannot download: one line, nothing written."""
     temp = tempfile.mkdtemp(prefix="rw", dir="/tmp")  # Ray's socket paths must stay short
@@ -66,6 +67,7 @@ def test_imagenet_without_internet_fails_with_one_line_before_any_actor(tiny_syn
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_weights_from_s3_reach_every_actor_through_the_object_store(
     ray_session, tiny_synth, weights_file, s3_server, tmp_path, monkeypatch
 ):
