@@ -40,11 +40,11 @@ def read_shard(io: ShardIO, shard: int, ids: list[str], decode: bool, workers: i
     its bytes for the model to decode on its device. A file that fails becomes an error row."""
     fs, root = storage.filesystem(io.input, io.storage_options)
     paths = [storage.join(root, i) for i in ids]
-    contents = fs.cat(paths, on_error="return") if paths else {}
+    contents = storage.read_objects(fs, paths)
     errors: tuple[list, list, list] = ([], [], [])
     found = []  # (image_id, display path, file bytes)
-    for image_id, path in zip(ids, paths):
-        display, data = storage.uri(fs, path), contents.get(path)
+    for image_id, path, data in zip(ids, paths, contents):
+        display = storage.uri(fs, path)
         if isinstance(data, BaseException) or data is None:
             reason = "missing" if data is None else f"{type(data).__name__}: {data}"
             shards.append_error(errors, display, "read", reason)

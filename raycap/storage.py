@@ -7,6 +7,7 @@ import json
 import os
 import posixpath
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -82,6 +83,28 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
+READ_THREADS = 16  # object reads in flight per shard
+
+
+def read_objects(fs: fsspec.AbstractFileSystem, paths: list[str], threads: int = READ_THREADS) -> list[Any]:
+    """Each path's bytes, read as the literal name it is (`fs.cat` would expand `[`, `*` and `?` as glob
+    patterns, so `photo [1].jpg` read as missing and `a*b.jpg` could return a sibling's bytes); None for a
+    missing object, the exception for any other failure."""
+
+    def read(path: str) -> Any:
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # noqa: BLE001 - the caller makes it an error row naming the file
+            return e
+
+    if len(paths) <= 1 or is_local(fs):
+        return [read(p) for p in paths]
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:  # s3fs runs each on its event loop, concurrently
+        return list(pool.map(read, paths))
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | pa.Buffer) -> None:
     """Make `path` appear complete or not at all.
 
@@ -92,7 +115,8 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | p
     parent = posixpath.dirname(path)
     if is_local(fs):
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        # Hidden (a leading dot) next to the real file: pyarrow, pandas, DuckDB and Ray Data never read it.
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

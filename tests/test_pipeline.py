@@ -189,3 +189,54 @@ def test_only_pillow_decoding_puts_cpu_tasks_in_front_of_gpu_actors(gpus, decode
     settled = pipeline.settle_resources(job, {"num_gpus": gpus})
     assert (settled["decode"], settled["decode_tasks"], settled["in_flight"]) == expected
     assert settled["batch_size"] == (pipeline.GPU_BATCH if gpus else pipeline.CPU_BATCH)
+
+
+ODD_NAMES = ["photo [1].jpg", "photo 1.jpg", "a*b.jpg", "ab.jpg", "q?.png", "q1.png", "été 100%.jpg", "#1+2.jpg"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_every_file_name_is_read_literally_never_as_a_pattern(where, tmp_path, request):
+    """fsspec's cat expands [, * and ? as glob patterns: `photo [1].jpg` read as missing, `a*b.jpg` matched
+    `ab.jpg` too. Each file must come back with its own bytes."""
+    import s3fs
+
+    files = {name: _jpeg(8 + i, 8, 10 * i) for i, name in enumerate(ODD_NAMES)}
+    if where == "local":
+        root = str(tmp_path)
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+        options = {}
+    else:
+        options = request.getfixturevalue("s3_server")
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("odd-names")
+        for name, data in files.items():
+            fs.pipe_file(f"odd-names/{name}", data)
+        root = "s3://odd-names"
+    io = stages.ShardIO(root, str(tmp_path / "out"), "rows", options, 10_000)
+    shard = stages.read_shard(io, 0, ODD_NAMES, decode=False)
+    assert shard.errors.num_rows == 0, shard.errors.to_pylist()
+    assert shard.meta[schema.IMAGE_ID].to_pylist() == ODD_NAMES
+    assert shard.meta[shards.DATA].to_pylist() == [files[n] for n in ODD_NAMES]
+
+
+def test_a_killed_write_leaves_nothing_that_readers_of_the_folder_see(tmp_path, monkeypatch):
+    """A write killed between its temporary file and the rename (here: a SystemExit in fsync, as a kill would
+    leave it) leaves a hidden temporary: pyarrow's and pandas' readers of the folder see only complete files."""
+    import os
+
+    import pandas as pd
+
+    from raycap import storage
+
+    fs, root = storage.filesystem(str(tmp_path / "features"))
+    table = pa.table({"image_id": ["a.jpg", "b.jpg"], "x": [1, 2]})
+    storage.write_parquet_atomic(fs, storage.join(root, "shard-000000.parquet"), table, "none")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        storage.write_parquet_atomic(fs, storage.join(root, "shard-000001.parquet"), table, "none")
+    monkeypatch.undo()
+    left = sorted(os.listdir(tmp_path / "features"))
+    assert len(left) == 2 and left[0].startswith(".shard-000001.parquet.") and left[0].endswith(".tmp"), left
+    assert pq.read_table(tmp_path / "features").num_rows == 2
+    assert len(pd.read_parquet(tmp_path / "features")) == 2
