@@ -9,15 +9,21 @@ from dataclasses import dataclass
 
 import fsspec
 
-from raycap import storage
+from raycap import schema, storage
 
 LIST_THREADS = 16  # listing requests in flight on object stores
 LIST_AHEAD = 64  # prefixes listed ahead of the one being streamed
 
 
+# raycap's own bookkeeping, where an output lies inside its input. Every other name is an input, '_' ones too:
+# cameras name Adobe RGB shots `_DSC0001.JPG`, and a `_raw/` folder holds real images (a file that is not an
+# image becomes an error row, never a silent skip).
+OWN_NAMES = frozenset({schema.SHARDS_DIR, schema.PLAN_DIR, schema.MANIFEST_FILE})
+
+
 def _hidden(name: str) -> bool:
-    """Hidden names and Parquet/Spark bookkeeping (leading '_') are not inputs."""
-    return name.startswith((".", "_"))
+    """Hidden files and folders (a leading '.', also raycap's own temporaries) and raycap's own names."""
+    return name.startswith(".") or name in OWN_NAMES
 
 
 def order(image_id: str) -> tuple[str, ...]:
@@ -68,7 +74,7 @@ def _list_dir(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, bool]
     for entry in entries:
         full = entry["name"].rstrip("/")
         name = full.rpartition("/")[2]
-        if name and name[0] not in "._" and full != base:  # S3 may list the prefix itself
+        if name and not _hidden(name) and full != base:  # S3 may list the prefix itself
             out.append((name, entry["type"] == "directory"))
     out.sort()
     return out

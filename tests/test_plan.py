@@ -35,10 +35,12 @@ def _planned(out: Path) -> list[list[str]]:
 
 
 def test_local_and_object_store_listings_stream_the_same_order(tmp_path):
-    names = ["b/2.jpg", "a.jpg", "b/1/x.jpg", "c.png", "a/z.jpg", ".hidden.jpg", "_SUCCESS", "_tmp/y.jpg", "b/.k/q"]
+    names = ["b/2.jpg", "a.jpg", "b/1/x.jpg", "c.png", "a/z.jpg", ".hidden.jpg", "_DSC0001.JPG", "_raw/y.jpg",
+             "b/.k/q", "_shards/shard-000000.json", "_manifest.json", "_plan/_plan.json"]  # fmt: skip
     _touch(tmp_path, names)
     local = list(listing.iter_files(*storage.filesystem(str(tmp_path))))
-    assert local == ["a/z.jpg", "a.jpg", "b/1/x.jpg", "b/2.jpg", "c.png"]  # components in order, hidden skipped
+    # Components in order; only hidden names and raycap's own bookkeeping skipped.
+    assert local == ["_DSC0001.JPG", "_raw/y.jpg", "a/z.jpg", "a.jpg", "b/1/x.jpg", "b/2.jpg", "c.png"]
     mem = fsspec.filesystem("memory")
     for name in names:
         mem.pipe(f"/bucket/in/{name}", b"")
@@ -183,7 +185,7 @@ def test_plan_only_memory_does_not_grow_with_the_listing(tmp_path):
 
 def test_empty_or_unlistable_inputs_fail_with_one_line(ray_session, tmp_path, s3_server, capsys, monkeypatch):
     empty = tmp_path / "empty"
-    _touch(empty, [".DS_Store", "_SUCCESS"])
+    _touch(empty, [".DS_Store", ".hidden/a.jpg"])  # hidden names only (`_SUCCESS` would be an input: an error row)
     assert extract(empty, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no files under" in err[0]
