@@ -45,7 +45,7 @@ def read_shard(io: ShardIO, shard: int, ids: list[str], decode: bool, workers: i
     found = []  # (image_id, display path, file bytes)
     for image_id, path, data in zip(ids, paths, contents):
         display = storage.uri(fs, path)
-        if isinstance(data, BaseException) or data is None:
+        if data is None or isinstance(data, OSError):
             reason = "missing" if data is None else f"{type(data).__name__}: {data}"
             shards.append_error(errors, display, "read", reason)
         else:

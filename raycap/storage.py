@@ -6,7 +6,10 @@ import contextlib
 import json
 import os
 import posixpath
+import random
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -84,22 +87,50 @@ def one_line(e: BaseException) -> str:
 
 
 READ_THREADS = 16  # object reads in flight per shard
+READ_ATTEMPTS = 8  # tries of one object read before the store counts as unavailable
+READ_BACKOFF_S = 0.5  # first wait between tries, doubled each time up to READ_BACKOFF_MAX_S, with jitter
+READ_BACKOFF_MAX_S = 8.0  # so 8 tries ride out ~30 s of expired credentials or throttling
 
 
-def read_objects(fs: fsspec.AbstractFileSystem, paths: list[str], threads: int = READ_THREADS) -> list[Any]:
+class StoreUnavailable(OSError):
+    """An object could not be read after every try (credentials, throttling, network): never an error row,
+    since the file may be fine; the shard is not committed and a rerun reads it again."""
+
+
+def read_objects(
+    fs: fsspec.AbstractFileSystem,
+    paths: list[str],
+    threads: int = READ_THREADS,
+    attempts: int = READ_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[bytes | OSError | None]:
     """Each path's bytes, read as the literal name it is (`fs.cat` would expand `[`, `*` and `?` as glob
     patterns, so `photo [1].jpg` read as missing and `a*b.jpg` could return a sibling's bytes); None for a
-    missing object, the exception for any other failure."""
+    missing object. A local file that cannot be read is its OSError (the file's own fault: an error row); on an
+    object store any other failure is retried with backoff, and after `attempts` raises StoreUnavailable."""
+    local = is_local(fs)
 
-    def read(path: str) -> Any:
-        try:
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # noqa: BLE001 - the caller makes it an error row naming the file
-            return e
+    def read(path: str) -> bytes | OSError | None:
+        for attempt in range(attempts):
+            try:
+                return fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+            except Exception as e:  # noqa: BLE001 - remote: expired tokens, 503 SlowDown, resets are the store's
+                if local:
+                    if isinstance(e, OSError):
+                        return e
+                    raise
+                if attempt + 1 == attempts:
+                    raise StoreUnavailable(
+                        f"cannot read {uri(fs, path)} after {attempts} tries ({type(e).__name__}: {one_line(e)}); "
+                        "check the store's credentials, then rerun to resume"
+                    ) from e
+                wait = min(READ_BACKOFF_MAX_S, READ_BACKOFF_S * 2**attempt)
+                sleep(wait * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
 
-    if len(paths) <= 1 or is_local(fs):
+    if len(paths) <= 1 or local:
         return [read(p) for p in paths]
     with ThreadPoolExecutor(min(threads, len(paths))) as pool:  # s3fs runs each on its event loop, concurrently
         return list(pool.map(read, paths))

@@ -240,3 +240,59 @@ def test_a_killed_write_leaves_nothing_that_readers_of_the_folder_see(tmp_path, 
     assert len(left) == 2 and left[0].startswith(".shard-000001.parquet.") and left[0].endswith(".tmp"), left
     assert pq.read_table(tmp_path / "features").num_rows == 2
     assert len(pd.read_parquet(tmp_path / "features")) == 2
+
+
+class _FlakyStore:
+    """An object store whose GETs fail `failures` times per object first (403 ExpiredToken, as s3fs raises it)."""
+
+    def __init__(self, objects: dict[str, bytes], failures: int) -> None:
+        self.objects, self.failures, self.calls = objects, failures, {}
+    def unstrip_protocol(self, path: str) -> str:
+        return f"s3://{path}"
+
+    def cat_file(self, path: str) -> bytes:
+        self.calls[path] = self.calls.get(path, 0) + 1
+        if self.calls[path] <= self.failures:
+            raise PermissionError("An error occurred (ExpiredToken) when calling the GetObject operation")
+        if path not in self.objects:
+            raise FileNotFoundError(path)
+        return self.objects[path]
+
+
+def test_a_transient_store_failure_is_retried_and_never_recorded_as_data(monkeypatch):
+    from raycap import cli, storage
+
+    monkeypatch.setattr(storage, "READ_BACKOFF_S", 0.0)  # the waits, not their length, are under test
+    objects = {f"bucket/{i}.jpg": bytes([i]) * 4 for i in range(20)}
+    flaky = _FlakyStore(objects, failures=storage.READ_ATTEMPTS - 1)
+    got = storage.read_objects(flaky, [*objects, "bucket/gone.jpg"])
+    assert got == [*objects.values(), None]  # every object after its retries; a missing one is missing at once
+    assert flaky.calls["bucket/gone.jpg"] == storage.READ_ATTEMPTS  # 403s first, then the 404
+    expired = _FlakyStore(objects, failures=10**6)
+    with pytest.raises(storage.StoreUnavailable) as raised:
+        storage.read_objects(expired, list(objects))
+    assert max(expired.calls.values()) == storage.READ_ATTEMPTS
+    message = cli._user_error(raised.value)
+    assert message.startswith("cannot read s3://bucket/") and "ExpiredToken" in message and "rerun" in message
+
+
+def test_a_local_file_that_cannot_be_read_is_its_own_error_row(tmp_path):
+    import os
+
+    (tmp_path / "ok.jpg").write_bytes(_jpeg(8, 8, 1))
+    (tmp_path / "locked.jpg").write_bytes(_jpeg(8, 8, 2))
+    os.chmod(tmp_path / "locked.jpg", 0)
+    try:
+        if os.access(tmp_path / "locked.jpg", os.R_OK):  # root reads anything: a folder cannot be read as a file
+            os.chmod(tmp_path / "locked.jpg", 0o644)
+            (tmp_path / "locked.jpg").unlink()
+            (tmp_path / "locked.jpg").mkdir()
+        io = stages.ShardIO(str(tmp_path), str(tmp_path / "out"), "rows", {}, 10_000)
+        shard = stages.read_shard(io, 0, ["ok.jpg", "locked.jpg", "gone.jpg"], decode=False)
+    finally:
+        os.chmod(tmp_path / "locked.jpg", 0o755)
+    assert shard.meta[schema.IMAGE_ID].to_pylist() == ["ok.jpg"]
+    reasons = {e["path"].rpartition("/")[2]: e["error"] for e in shard.errors.to_pylist()}
+    assert reasons["gone.jpg"] == "missing" and reasons["locked.jpg"].split(":")[0] in (
+        "PermissionError", "IsADirectoryError"
+    ), reasons  # fmt: skip
