@@ -147,6 +147,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     in_fs, in_root = storage.filesystem(job.input, job.storage_options)
     out_fs, out_root = storage.filesystem(job.output, job.storage_options)
     input_uri = storage.uri(in_fs, in_root)
+    storage.remove_stale_temporaries(out_fs, out_root)  # an earlier run's killed writes
     res = plan_resources(job)
     res |= settle_resources(job, res)
     shard_plan = plan.prepare(

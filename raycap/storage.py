@@ -7,6 +7,7 @@ import json
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -160,6 +161,24 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | p
             raise OSError(e.errno, f"{e.strerror or e}: {path}") from e
     else:
         fs.pipe_file(path, data if isinstance(data, bytes) else data.to_pybytes())
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes_atomic's temporaries
+
+
+def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Remove what killed writes left under a local output root (object stores have none); returns how many.
+    Run before a job writes, so only an earlier run's can be there."""
+    if not is_local(fs) or not os.path.isdir(root):
+        return 0
+    removed = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if _TEMPORARY.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, name))
+                    removed += 1
+    return removed
 
 
 def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, compression: str) -> int:

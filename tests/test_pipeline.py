@@ -240,6 +240,9 @@ def test_a_killed_write_leaves_nothing_that_readers_of_the_folder_see(tmp_path, 
     assert len(left) == 2 and left[0].startswith(".shard-000001.parquet.") and left[0].endswith(".tmp"), left
     assert pq.read_table(tmp_path / "features").num_rows == 2
     assert len(pd.read_parquet(tmp_path / "features")) == 2
+    (tmp_path / "features" / ".notes.txt").write_text("a user's hidden file")
+    assert storage.remove_stale_temporaries(fs, str(tmp_path)) == 1  # as a rerun does before it writes
+    assert sorted(os.listdir(tmp_path / "features")) == [".notes.txt", "shard-000000.parquet"]
 
 
 class _FlakyStore:
@@ -247,6 +250,7 @@ class _FlakyStore:
 
     def __init__(self, objects: dict[str, bytes], failures: int) -> None:
         self.objects, self.failures, self.calls = objects, failures, {}
+
     def unstrip_protocol(self, path: str) -> str:
         return f"s3://{path}"
 
