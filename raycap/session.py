@@ -53,6 +53,13 @@ def quiet_ray() -> None:
                 handler.setLevel(logging.ERROR)
 
 
+def plain_worker_prefixes() -> None:
+    """Ray colours the `(RayTrainWorker pid=…)` prefix of every worker line it prints; in a log file or a pipe
+    those are escape codes, so they are turned off unless the output is a terminal (or the user chose)."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def init_ray(address: str | None, dashboard: bool = True) -> None:
     """Connect to `address` (or RAY_ADDRESS, as inside `ray job submit`), or start an embedded local Ray (with
     Ray's dashboard if `dashboard`: Ray Train needs it, the image pipelines do not).
@@ -64,6 +71,7 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    plain_worker_prefixes()
     quiet_ray()
     if ray.is_initialized():
         return

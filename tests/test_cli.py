@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -222,3 +223,21 @@ def test_an_object_store_that_cannot_spill_is_one_line(ray_session) -> None:
         "disk full: a node's object store had to spill to a disk over Ray's limit (95% full); "
         "free space under its Ray temp folder (`df`), then rerun to resume"
     )
+
+
+def test_worker_lines_carry_no_colour_codes_when_the_output_is_not_a_terminal(monkeypatch):
+    import io as text_io
+
+    from ray._private import worker
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    line = {"pid": "4242", "ip": "10.0.0.1", "localhost": "10.0.0.1", "lines": ["epoch epoch=0 train_loss=3.2"],
+            "task_name": "RayTrainWorker", "actor_name": "RayTrainWorker"}  # fmt: skip
+    coloured = text_io.StringIO()
+    worker.print_worker_logs(line, coloured)
+    assert "\x1b[" in coloured.getvalue()  # Ray's default: escape codes, terminal or not
+    monkeypatch.setattr(sys, "stdout", text_io.StringIO())  # a pipe, a log file, `ray job logs`
+    session.plain_worker_prefixes()
+    plain = text_io.StringIO()
+    worker.print_worker_logs(line, plain)
+    assert "\x1b[" not in plain.getvalue() and "epoch epoch=0 train_loss=3.2" in plain.getvalue()
