@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 
@@ -21,6 +22,21 @@ LIST_AHEAD = 64  # prefixes listed ahead of the one being streamed
 OWN_NAMES = frozenset({schema.SHARDS_DIR, schema.PLAN_DIR, schema.MANIFEST_FILE})
 
 
+@dataclass
+class Skipped:
+    """The names a listing left out (hidden or raycap's own), counted, with a few examples: never silent."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # remote prefixes list in threads
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self.count += 1
+            if len(self.examples) < 5:
+                self.examples.append(name)
+
+
 def _hidden(name: str) -> bool:
     """Hidden files and folders (a leading '.', also raycap's own temporaries) and raycap's own names."""
     return name.startswith(".") or name in OWN_NAMES
@@ -31,8 +47,11 @@ def order(image_id: str) -> tuple[str, ...]:
     return tuple(image_id.split("/"))
 
 
-def iter_files(fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST_THREADS) -> Iterator[str]:
-    """Every file below `root` as relative ids ('/' separators), streamed in `order`.
+def iter_files(
+    fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST_THREADS, skipped: Skipped | None = None
+) -> Iterator[str]:
+    """Every file below `root` as relative ids ('/' separators), streamed in `order`; the names left out are
+    counted in `skipped`.
 
     A missing root, a file, or a prefix the credentials cannot list is one ValueError before the first id.
     """
@@ -42,24 +61,31 @@ def iter_files(fs: fsspec.AbstractFileSystem, root: str, threads: int = LIST_THR
             raise ValueError(f"input does not exist: {shown}")
         if not os.path.isdir(root):
             raise ValueError(f"input must be a folder or prefix, got a file: {shown}")
-        return _walk_local(root, "")
-    first = _list_dir(fs, root)
+        return _walk_local(root, "", skipped or Skipped())
+    skipped = skipped or Skipped()
+    first = _list_dir(fs, root, skipped)
     if not first and fs.isfile(root):
         raise ValueError(f"input must be a folder or prefix, got a file: {shown}")
-    return _walk_remote(fs, root, first, threads)
+    return _walk_remote(fs, root, first, threads, skipped)
 
 
-def _walk_local(path: str, rel: str) -> Iterator[str]:
+def _walk_local(path: str, rel: str, skipped: Skipped) -> Iterator[str]:
+    entries = []
     with os.scandir(path) as it:
-        entries = sorted((e.name, e.is_dir()) for e in it if not _hidden(e.name))
+        for e in it:
+            if _hidden(e.name):
+                skipped.add(rel + e.name)
+            else:
+                entries.append((e.name, e.is_dir()))
+    entries.sort()
     for name, is_dir in entries:
         if is_dir:
-            yield from _walk_local(os.path.join(path, name), f"{rel}{name}/")
+            yield from _walk_local(os.path.join(path, name), f"{rel}{name}/", skipped)
         else:
             yield rel + name
 
 
-def _list_dir(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, bool]]:
+def _list_dir(fs: fsspec.AbstractFileSystem, path: str, skipped: Skipped) -> list[tuple[str, bool]]:
     """One prefix level: sorted (name, is_folder), hidden names dropped, nothing left in fsspec's cache."""
     try:
         entries = fs.ls(path, detail=True, refresh=True)
@@ -74,7 +100,11 @@ def _list_dir(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, bool]
     for entry in entries:
         full = entry["name"].rstrip("/")
         name = full.rpartition("/")[2]
-        if name and not _hidden(name) and full != base:  # S3 may list the prefix itself
+        if not name or full == base:  # S3 may list the prefix itself
+            continue
+        if _hidden(name):
+            skipped.add(full)
+        else:
             out.append((name, entry["type"] == "directory"))
     out.sort()
     return out
@@ -88,7 +118,7 @@ class _Folder:
 
 
 def _walk_remote(
-    fs: fsspec.AbstractFileSystem, root: str, first: list[tuple[str, bool]], threads: int
+    fs: fsspec.AbstractFileSystem, root: str, first: list[tuple[str, bool]], threads: int, skipped: Skipped
 ) -> Iterator[str]:
     """Depth first in `order`, with the next LIST_AHEAD folders being listed `threads` at a time."""
     with ThreadPoolExecutor(threads) as pool:
@@ -119,7 +149,7 @@ def _walk_remote(
             for waiting in reversed(stack):
                 if isinstance(waiting, _Folder):
                     if waiting.listing is None:
-                        waiting.listing = pool.submit(_list_dir, fs, waiting.path)
+                        waiting.listing = pool.submit(_list_dir, fs, waiting.path, skipped)
                     ahead += 1
                     if ahead >= LIST_AHEAD:
                         break

@@ -190,6 +190,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         "shards_this_run": pending,
         "shard_size": shard_plan.shard_size,
         "increments": shard_plan.increments,
+        "skipped": sum(i.get("skipped", 0) for i in shard_plan.increments),  # hidden or raycap's own names
         "seconds": round(elapsed, 2),
         "images_per_second": round(processed / elapsed, 2) if elapsed > 0 else None,
         "resources": {k: v for k, v in res.items() if k != "actors"}

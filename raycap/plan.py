@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycap import schema, storage
-from raycap.listing import iter_files, order
+from raycap.listing import Skipped, iter_files, order
 
 HEADER = "_plan.json"  # inside schema.PLAN_DIR, written last: the plan's commit
 SHARDS_PER_PART = 256  # shards per plan part; each shard is one row group of its part
@@ -167,7 +167,8 @@ def prepare(
     if plan is not None and not incremental:
         say(f"{input_uri}: plan reused, input not relisted (--incremental plans files added since)")
         return plan
-    listed = iter_files(in_fs, in_root)
+    skipped = Skipped()
+    listed = iter_files(in_fs, in_root, skipped=skipped)
     if plan is None:
         if shard_size is None:
             # Auto size from the count, deciding once enough ids are seen that the largest size applies.
@@ -199,9 +200,13 @@ def prepare(
                 "shards": plan.shards - first_shard,
                 "files": added,
                 "removed": removed,
+                "skipped": skipped.count,  # hidden or raycap's own names, not planned
             }
         )
         storage.write_json_atomic(out_fs, storage.join(plan_dir(out_root), HEADER), asdict(plan))
+    if skipped.count:
+        examples = ", ".join(skipped.examples)
+        say(f"{input_uri}: {skipped.count} hidden or raycap-owned names not planned (e.g. {examples})")
     if diff is not None:
         say(f"{input_uri}: {added} new files planned in {plan.shards - first_shard} new shards")
     return plan

@@ -94,6 +94,7 @@ def _rows(out: Path) -> tuple[list[dict], list[dict]]:
 def test_every_file_is_exactly_one_feature_or_error_row(ray_session, tmp_path):
     src, out = tmp_path / "corpus", tmp_path / "out"
     good, bad = make_corpus(src)
+    (src / ".DS_Store").write_bytes(b"\0")  # hidden: left out, and counted
     code = extract(str(src), str(out), "--shard-size", "5", "--max-pixels", "10000000")
     assert code == 0
     features, errors = _rows(out)
@@ -109,7 +110,7 @@ def test_every_file_is_exactly_one_feature_or_error_row(ray_session, tmp_path):
     assert np.isfinite(feats.astype(np.float32)).all()
     manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
     assert (manifest["rows"], manifest["errors"], manifest["images"]) == (len(good), len(bad), len(good) + len(bad))
-    assert manifest["encoder_weights"] == "random"
+    assert manifest["encoder_weights"] == "random" and manifest["skipped"] == 1
 
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])

@@ -38,13 +38,18 @@ def test_local_and_object_store_listings_stream_the_same_order(tmp_path):
     names = ["b/2.jpg", "a.jpg", "b/1/x.jpg", "c.png", "a/z.jpg", ".hidden.jpg", "_DSC0001.JPG", "_raw/y.jpg",
              "b/.k/q", "_shards/shard-000000.json", "_manifest.json", "_plan/_plan.json"]  # fmt: skip
     _touch(tmp_path, names)
-    local = list(listing.iter_files(*storage.filesystem(str(tmp_path))))
+    skipped = listing.Skipped()
+    local = list(listing.iter_files(*storage.filesystem(str(tmp_path)), skipped=skipped))
     # Components in order; only hidden names and raycap's own bookkeeping skipped.
     assert local == ["_DSC0001.JPG", "_raw/y.jpg", "a/z.jpg", "a.jpg", "b/1/x.jpg", "b/2.jpg", "c.png"]
     mem = fsspec.filesystem("memory")
     for name in names:
         mem.pipe(f"/bucket/in/{name}", b"")
-    assert list(listing.iter_files(mem, "/bucket/in", threads=3)) == local
+    # Counted, never silent: .hidden.jpg, b/.k, _shards, _manifest.json, _plan.
+    assert skipped.count == 5 and sorted(skipped.examples)[0] == ".hidden.jpg", skipped
+    remote_skipped = listing.Skipped()
+    assert list(listing.iter_files(mem, "/bucket/in", threads=3, skipped=remote_skipped)) == local
+    assert remote_skipped.count == 5
     with pytest.raises(ValueError, match="does not exist"):
         listing.iter_files(mem, "/bucket/nothing")
 
