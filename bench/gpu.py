@@ -155,9 +155,7 @@ def table(report: dict) -> str:
     for step in report["steps"]:
         lines.append(f"{step['step']}: {step['status']} ({step['seconds']:.0f} s)")
         for name, value in step["figures"].items():
-            shown = f"{value:,.3f}" if isinstance(value, float) and abs(value) < 10 else str(value)
-            if isinstance(value, float) and abs(value) >= 10:
-                shown = f"{value:,.0f}"
+            shown = (f"{value:,.3f}" if abs(value) < 10 else f"{value:,.0f}") if isinstance(value, float) else value
             lines.append(f"  {name:<58} {shown}")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from raycap import plan
-from raycap.config import VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
+from raycap.config import PRECISIONS, VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
 from raycap.images import DEFAULT_MAX_PIXELS
 from raycap.session import exit_now, init_ray, init_ray_while, quiet_ray
 
@@ -63,7 +63,7 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="model precision (auto: bf16 on GPUs and CPUs with native bf16, fp16 on GPUs without it: T4, V100)",
     )
     p.add_argument(

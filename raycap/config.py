@@ -10,6 +10,8 @@ from typing import Any
 from raycap import schema, storage
 from raycap.images import DEFAULT_MAX_PIXELS
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --precision (what each resolves to: encoder.select_precision)
+
 VERBOSE_ENV = "RAYCAP_VERBOSE"  # 1: show Ray's own log lines too (as --verbose does)
 
 
@@ -70,7 +72,7 @@ class PipelineConfig:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.decode not in ("cpu", "device", "auto"):
             raise ValueError(f"--decode must be cpu, device or auto, got {self.decode!r}")

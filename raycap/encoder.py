@@ -18,6 +18,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from raycap import storage
+from raycap.config import PRECISIONS
 from raycap.schema import FEATURE_DIM, NUM_REGIONS
 
 WEIGHT_CHOICES = ("imagenet", "random", "a path or URI of a state dict (.safetensors or .pt/.pth)")
@@ -61,7 +62,6 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} cores ({wanted})"
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32 runs without autocast
 
 

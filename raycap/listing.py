@@ -55,14 +55,13 @@ def iter_files(
 
     A missing root, a file, or a prefix the credentials cannot list is one ValueError before the first id.
     """
-    shown = storage.uri(fs, root)
+    shown, skipped = storage.uri(fs, root), skipped if skipped is not None else Skipped()
     if storage.is_local(fs):
         if not os.path.exists(root):
             raise ValueError(f"input does not exist: {shown}")
         if not os.path.isdir(root):
             raise ValueError(f"input must be a folder or prefix, got a file: {shown}")
-        return _walk_local(root, "", skipped or Skipped())
-    skipped = skipped or Skipped()
+        return _walk_local(root, "", skipped)
     first = _list_dir(fs, root, skipped)
     if not first and fs.isfile(root):
         raise ValueError(f"input must be a folder or prefix, got a file: {shown}")

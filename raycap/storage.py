@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import posixpath
@@ -10,7 +11,6 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -98,21 +98,15 @@ class StoreUnavailable(OSError):
     since the file may be fine; the shard is not committed and a rerun reads it again."""
 
 
-def read_objects(
-    fs: fsspec.AbstractFileSystem,
-    paths: list[str],
-    threads: int = READ_THREADS,
-    attempts: int = READ_ATTEMPTS,
-    sleep: Callable[[float], None] = time.sleep,
-) -> list[bytes | OSError | None]:
+def read_objects(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | OSError | None]:
     """Each path's bytes, read as the literal name it is (`fs.cat` would expand `[`, `*` and `?` as glob
     patterns, so `photo [1].jpg` read as missing and `a*b.jpg` could return a sibling's bytes); None for a
     missing object. A local file that cannot be read is its OSError (the file's own fault: an error row); on an
-    object store any other failure is retried with backoff, and after `attempts` raises StoreUnavailable."""
+    object store any other failure is retried with backoff, and after READ_ATTEMPTS raises StoreUnavailable."""
     local = is_local(fs)
 
     def read(path: str) -> bytes | OSError | None:
-        for attempt in range(attempts):
+        for attempt in itertools.count(1):
             try:
                 return fs.cat_file(path)
             except FileNotFoundError:
@@ -122,18 +116,16 @@ def read_objects(
                     if isinstance(e, OSError):
                         return e
                     raise
-                if attempt + 1 == attempts:
+                if attempt == READ_ATTEMPTS:
                     raise StoreUnavailable(
-                        f"cannot read {uri(fs, path)} after {attempts} tries ({type(e).__name__}: {one_line(e)}); "
+                        f"cannot read {uri(fs, path)} after {attempt} tries ({type(e).__name__}: {one_line(e)}); "
                         "check the store's credentials, then rerun to resume"
                     ) from e
-                wait = min(READ_BACKOFF_MAX_S, READ_BACKOFF_S * 2**attempt)
-                sleep(wait * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
+                time.sleep(min(READ_BACKOFF_MAX_S, READ_BACKOFF_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
 
     if len(paths) <= 1 or local:
         return [read(p) for p in paths]
-    with ThreadPoolExecutor(min(threads, len(paths))) as pool:  # s3fs runs each on its event loop, concurrently
+    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:  # s3fs runs each on its event loop, concurrently
         return list(pool.map(read, paths))
 
 
