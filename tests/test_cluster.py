@@ -98,10 +98,13 @@ def _cluster_processes(temp: Path) -> list[int]:
 
 def _stop_cluster(temp: Path) -> None:
     """Stop only this test's head (`ray stop` would also stop the test session's own Ray). Killed in rounds: a
-    raylet may start a worker between one listing of the processes and its own end."""
-    for _ in range(20):
+    raylet may start a worker between one listing of the processes and its own end, and a worker it forked as it
+    died shows its temp dir only once it has opened its logs, so three empty listings in a row end it."""
+    empty = 0
+    for _ in range(50):
         pids = _cluster_processes(temp)
-        if not pids:
+        empty = 0 if pids else empty + 1
+        if empty == 3:
             return
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
