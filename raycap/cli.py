@@ -25,6 +25,7 @@ from raycap import plan
 from raycap.config import PRECISIONS, VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
 from raycap.images import DEFAULT_MAX_PIXELS
 from raycap.session import exit_now, init_ray, init_ray_while, quiet_ray
+from raycap.sources import FORMATS
 
 # Every numeric TrainConfig field is a `raycap train` flag of the same name (--epochs, --batch-size, ...).
 TRAIN_NUMBERS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "int | None")]
@@ -36,6 +37,10 @@ def _actors(text: str) -> tuple[int, int]:
         return int(lo), int(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or MIN:MAX, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
@@ -51,8 +56,29 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="folder or s3:// prefix of images, WebDataset tars or Parquet files (recursive), or an index file of URIs",
+    )
     p.add_argument("--output", required=True, help="output root; rerunning into it resumes")
+    p.add_argument(
+        "--input-format",
+        default="auto",
+        choices=list(FORMATS),
+        help="files, webdataset (tars), parquet (image bytes), list (an index of URIs); auto: from the listing",
+    )
+    p.add_argument(
+        "--keep-columns",
+        type=_names,
+        default=(),
+        help="store fields copied into every output row, comma-separated (webdataset: txt and .json fields; "
+        "parquet: columns; list: index columns)",
+    )
+    p.add_argument("--image-key", help="webdataset: the image member's extension (default: first of jpg, png, ...)")
+    p.add_argument("--image-column", help="parquet: the image column (default: the struct<bytes, path> or binary one)")
+    p.add_argument("--id-column", help="parquet: a column of image ids (default FILE/ROW)")
+    p.add_argument("--path-column", default="path", help="list: the index's column of URIs (default path)")
     p.add_argument(
         "--shard-size",
         type=int,
@@ -165,6 +191,12 @@ def _pipeline_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return {
         "input": a.input,
         "output": a.output,
+        "input_format": a.input_format,
+        "keep_columns": a.keep_columns,
+        "image_key": a.image_key,
+        "image_column": a.image_column,
+        "id_column": a.id_column,
+        "path_column": a.path_column,
         "shard_size": a.shard_size,
         "batch_size": a.batch_size,
         "precision": a.precision,

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from raycap import schema, storage
+from raycap import schema, sources, storage
 from raycap.images import DEFAULT_MAX_PIXELS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --precision (what each resolves to: encoder.select_precision)
@@ -52,8 +52,14 @@ def _check_weights(weights: str, storage_options: dict[str, Any]) -> None:
 class PipelineConfig:
     """Settings shared by the two image pipelines (extract and caption)."""
 
-    input: str  # folder or s3:// prefix of images (recursive; images recognised by content)
+    input: str  # folder or s3:// prefix of images, tars or Parquet files (recursive), or an index file of URIs
     output: str  # output root; rerunning into the same root resumes
+    input_format: str = "auto"  # files | webdataset | parquet | list | auto (decided from what the listing finds)
+    keep_columns: tuple[str, ...] = ()  # store fields carried into every output row (webdataset: txt, json fields)
+    image_key: str | None = None  # webdataset: the image member's extension (default: first of jpg, png, ...)
+    image_column: str | None = None  # parquet: the image column (default: the one struct<bytes, path> or binary)
+    id_column: str | None = None  # parquet: the column of image ids (default FILE/ROW)
+    path_column: str = "path"  # list: the index's column of URIs
     shard_size: int | None = None  # images per output shard (retry, resume, file); None: ~8 per actor, 32..256
     batch_size: int | None = None  # images per model forward; None: 16 on CPU, 128 on GPU
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs and CPUs that have it, fp16 on older GPUs)
@@ -67,7 +73,19 @@ class PipelineConfig:
     plan_only: bool = False  # list the input, write the plan, print its size; no Ray, no model
     incremental: bool = False  # relist the input on a rerun and plan new shards for files added since
 
+    def source(self) -> sources.SourceSpec:
+        """The input store as the sources see it."""
+        return sources.SourceSpec(
+            self.input_format, self.image_key, self.image_column, self.id_column, self.path_column, self.keep_columns
+        )
+
     def validate(self) -> None:
+        if self.input_format not in sources.FORMATS:
+            raise ValueError(f"--input-format must be one of {', '.join(sources.FORMATS)}, got {self.input_format!r}")
+        reserved = set(schema.features_schema().names) | set(schema.CAPTIONS_SCHEMA.names)
+        clash = [c for c in self.keep_columns if c in reserved or not c]
+        if clash:
+            raise ValueError(f"--keep-columns cannot name an output column: {clash[0]!r}")
         if self.shard_size is not None and self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.batch_size is not None and self.batch_size < 1:

@@ -70,7 +70,8 @@ def decode_shard(shard: shards.Shard, device: torch.device | str, max_pixels: in
     meta = meta.set_column(meta.schema.get_field_index(schema.WIDTH), schema.WIDTH, pa.array(widths, pa.int32()))
     meta = meta.set_column(meta.schema.get_field_index(schema.HEIGHT), schema.HEIGHT, pa.array(heights, pa.int32()))
     batch = torch.stack(pixels) if pixels else torch.zeros((0, *shards.PIXEL_SHAPE), dtype=torch.uint8, device=device)
-    return shards.Shard(shard.shard, meta.cast(shards.META_SCHEMA), shards.error_table(*errors), pixels=batch)
+    typed = pa.schema(list(shards.META_SCHEMA) + [f for f in meta.schema if f.name not in shards.META_SCHEMA.names])
+    return shards.Shard(shard.shard, meta.cast(typed), shards.error_table(*errors), pixels=batch)
 
 
 def _decode_on_device(

@@ -20,19 +20,23 @@ LIST_AHEAD = 64  # prefixes listed ahead of the one being streamed
 # cameras name Adobe RGB shots `_DSC0001.JPG`, and a `_raw/` folder holds real images (a file that is not an
 # image becomes an error row, never a silent skip).
 OWN_NAMES = frozenset({schema.SHARDS_DIR, schema.PLAN_DIR, schema.MANIFEST_FILE})
+HIDDEN = "hidden or raycap's own"  # Skipped's reason for the names `_hidden` leaves out
 
 
 @dataclass
 class Skipped:
-    """The names a listing left out (hidden or raycap's own), counted, with a few examples: never silent."""
+    """The names a listing left out (hidden or raycap's own, or not of the input's kind), counted by reason, with
+    a few examples: never silent."""
 
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)  # why -> how many
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # remote prefixes list in threads
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, reason: str = HIDDEN) -> None:
         with self._lock:
             self.count += 1
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
             if len(self.examples) < 5:
                 self.examples.append(name)
 

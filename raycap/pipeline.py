@@ -23,10 +23,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raycap import plan, resources, schema, shards, stages, storage
+from raycap import plan, resources, schema, shards, sources, stages, storage
 from raycap.config import PipelineConfig
 from raycap.images import DEFAULT_MAX_PIXELS
 from raycap.plan import auto_shard_size  # noqa: F401 - part of this module's interface
+from raycap.progress import Progress
+from raycap.sources import SourceSpec
 
 
 @dataclass
@@ -53,12 +55,13 @@ class ShardJob:
     manifest: dict[str, Any] = field(default_factory=dict)  # job-specific facts recorded in _manifest.json
     incremental: bool = False  # relist the input and plan new shards for files added since the plan
     decode_tasks: bool | None = None  # read and decode in CPU tasks before the actors; None: GPU actors, CPU decode
+    source: SourceSpec = field(default_factory=lambda: SourceSpec("auto"))  # the kind of input store
 
     @classmethod
     def from_config(cls, config: PipelineConfig, **job: Any) -> ShardJob:
         """The settings every pipeline shares come from `config`; `job` gives the rest (rows_dir, model, ...)."""
         shared = {name: getattr(config, name) for name in _SHARED_SETTINGS}
-        return cls(**shared, **job)
+        return cls(**shared, source=config.source(), **job)
 
 
 _SHARED_SETTINGS = (
@@ -151,23 +154,25 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     res = plan_resources(job)
     res |= settle_resources(job, res)
     shard_plan = plan.prepare(
-        in_fs, in_root, out_fs, out_root, job.shard_size, res["actors"][1], job.incremental, progress
+        in_fs, in_root, out_fs, out_root, job.shard_size, res["actors"][1], job.incremental, progress, job.source
     )
+    source = shard_plan.spec
+    if source.packed:  # the actors read a tar or Parquet file themselves, a piece at a time (no shard in the store)
+        res["decode_tasks"] = False
     done = plan.finished_shards(out_fs, out_root)
     parts = plan.pending_parts(shard_plan, done)
     pending = sum(len(p["pending"]) for p in parts)
     progress(
-        f"{input_uri}: {shard_plan.files} files in {shard_plan.shards} shards, {len(done)} already finished"
-        + ("" if pending else ": nothing to do")
+        f"{input_uri}: {shard_plan.files} {plan.units_name(shard_plan)} in {shard_plan.shards} shards, "
+        f"{len(done)} already finished" + ("" if pending else ": nothing to do")
     )
     errors_so_far = sum(e for _, e in done.values())
-    inflight = inflight_bytes(
-        shard_plan.shard_size, res["actors"][1], job.row_bytes, res["decode_tasks"], res["in_flight"]
-    )
+    shard_images = sources.PIECE_IMAGES if source.packed else shard_plan.shard_size  # held at a time per shard
+    inflight = inflight_bytes(shard_images, res["actors"][1], job.row_bytes, res["decode_tasks"], res["in_flight"])
     finished_before = set(done)
     if parts:
-        lines = plan.Progress(shard_plan.shards, shard_plan.files, done, progress, every_seconds=progress_seconds)
-        ds = _shard_dataset(job, res, parts)
+        lines = Progress(shard_plan.shards, shard_plan.images, done, progress, every_seconds=progress_seconds)
+        ds = _shard_dataset(job, res, parts, source)
         for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):
             rows, errors = int(marker["rows"]), int(marker["errors"])
             done[int(marker["shard"])] = (rows, errors)
@@ -183,7 +188,10 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     manifest = {
         "input": input_uri,
         "output": storage.uri(out_fs, out_root),
-        "images": shard_plan.files,
+        "input_format": source.format,
+        "keep_columns": list(source.keep_columns),
+        "images": sum(r + e for r, e in done.values()),
+        "units": shard_plan.files,  # planned files (files, list), tars (webdataset) or Parquet files (parquet)
         "rows": sum(r for r, _ in done.values()),
         "errors": sum(e for _, e in done.values()),
         "shards": shard_plan.shards,
@@ -199,9 +207,10 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **job.manifest,
     }
-    if manifest["rows"] + manifest["errors"] != shard_plan.files:
+    if len(done) != shard_plan.shards or (shard_plan.images is not None and manifest["images"] != shard_plan.images):
         raise RuntimeError(
-            f"accounting error: {manifest['rows']} rows + {manifest['errors']} errors != {shard_plan.files}"
+            f"accounting error: {len(done)} of {shard_plan.shards} shards committed, {manifest['rows']} rows + "
+            f"{manifest['errors']} errors for {shard_plan.images or 'unknown'} images"
         )
     storage.write_json_atomic(out_fs, storage.join(out_root, schema.MANIFEST_FILE), manifest)
     return manifest
@@ -222,9 +231,13 @@ def _shard_context() -> Iterator[None]:
         context.target_max_block_size, context.raise_original_map_exception = saved
 
 
-def _shard_dataset(job: ShardJob, res: dict[str, Any], parts: list[dict[str, Any]]) -> ray.data.Dataset:
+def _shard_dataset(
+    job: ShardJob, res: dict[str, Any], parts: list[dict[str, Any]], source: SourceSpec
+) -> ray.data.Dataset:
     """The job's Dataset: plan parts -> shard rows -> [decode tasks] -> model actors -> one marker per shard."""
-    io = stages.ShardIO(job.input, job.output, job.rows_dir, job.storage_options, job.max_pixels, job.compression)
+    io = stages.ShardIO(
+        job.input, job.output, job.rows_dir, job.storage_options, job.max_pixels, job.compression, source
+    )
     with _shard_context():
         ds = ray.data.from_items(parts, override_num_blocks=len(parts))
         # No CPU reserved (it only reads the plan, and a task waiting on the next stage would hold its CPU all

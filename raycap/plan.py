@@ -1,10 +1,12 @@
-"""The shard plan: streaming input listing, the plan's Parquet parts and header, commit markers, progress lines."""
+"""The shard plan: the input's units (sources/) split into shards, its Parquet parts and header, commit markers."""
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import io
 import itertools
+import json
 import math
 import os
 import posixpath
@@ -19,12 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycap import schema, storage
-from raycap.listing import Skipped, iter_files, order
+from raycap import schema, sources, storage
+from raycap.listing import Skipped, order
+from raycap.sources import SourceSpec
 
 HEADER = "_plan.json"  # inside schema.PLAN_DIR, written last: the plan's commit
 SHARDS_PER_PART = 256  # shards per plan part; each shard is one row group of its part
-_PART_SCHEMA = pa.schema([("shard", pa.int32()), (schema.IMAGE_ID, pa.string())])
+UNITS = "units"  # column of the shard rows expand_parts yields: the shard's units
+UNIT, FIELDS = "unit", "fields"  # a plan part's columns beside the shard: the unit's name, its kept fields (JSON)
+_PART_SCHEMA = pa.schema([("shard", pa.int32()), (UNIT, pa.string()), (FIELDS, pa.string())])
 _MARKER = re.compile(r"^shard-(\d+)\.rows-(\d+)\.errors-(\d+)\.json$")
 
 
@@ -54,11 +59,21 @@ class Plan:
     """The plan header: which input, how it was split, where the parts are, and each increment."""
 
     input: str  # the input URI the plan was made from
-    shard_size: int  # images per shard (the last shard of an increment may hold fewer)
-    files: int = 0  # planned files, all increments
+    shard_size: int  # units per shard (the last shard of an increment may hold fewer); 1 for packed sources
+    files: int = 0  # planned units (files, URIs, tars or Parquet files), all increments
     shards: int = 0  # shards, all increments; shard numbers are 0..shards-1
     parts: list[dict[str, Any]] = field(default_factory=list)  # {name, first_shard, shards, files}
     increments: list[dict[str, Any]] = field(default_factory=list)  # {at, first_shard, shards, files, removed}
+    source: dict[str, Any] = field(default_factory=dict)  # the SourceSpec the units were listed with
+
+    @property
+    def spec(self) -> SourceSpec:
+        return SourceSpec.from_dict(self.source or {"format": "files"})
+
+    @property
+    def images(self) -> int | None:
+        """Images planned, where a unit is one image (files, list); None where they are known once read."""
+        return None if self.spec.packed else self.files
 
 
 def plan_dir(output: str) -> str:
@@ -77,19 +92,22 @@ def read_plan(fs: fsspec.AbstractFileSystem, output: str) -> Plan | None:
     return Plan(**storage.read_json(fs, path))
 
 
-def _write_parts(fs: fsspec.AbstractFileSystem, output: str, ids: Iterable[str], shard_size: int, plan: Plan) -> int:
-    """Append the listed `ids` to `plan` as new shards, SHARDS_PER_PART to a part; returns the files added."""
+def _write_parts(fs: fsspec.AbstractFileSystem, output: str, units: Iterable[Any], shard_size: int, plan: Plan) -> int:
+    """Append the listed `units` (names, or (name, fields) pairs) to `plan` as new shards, SHARDS_PER_PART to a
+    part; returns the units added."""
     per_part = SHARDS_PER_PART * shard_size
     added = 0
-    ids = iter(ids)
-    while chunk := list(itertools.islice(ids, per_part)):
+    units = iter(units)
+    while chunk := list(itertools.islice(units, per_part)):
         shards = math.ceil(len(chunk) / shard_size)
         first = plan.shards
         name = f"part-{len(plan.parts):06d}.parquet"
         numbers = pa.array(first + np.arange(len(chunk), dtype=np.int32) // shard_size)
+        names = [u if isinstance(u, str) else u[0] for u in chunk]
+        fields = [None if isinstance(u, str) or u[1] is None else json.dumps(u[1], sort_keys=True) for u in chunk]
         sink = io.BytesIO()
         pq.write_table(
-            pa.table([numbers, pa.array(chunk, pa.string())], schema=_PART_SCHEMA),
+            pa.table([numbers, pa.array(names, pa.string()), pa.array(fields, pa.string())], schema=_PART_SCHEMA),
             sink,
             row_group_size=shard_size,
             compression="zstd",
@@ -109,7 +127,7 @@ def _planned_ids(fs: fsspec.AbstractFileSystem, output: str, plan: Plan) -> Iter
         for part in plan.parts:
             if inc["first_shard"] <= part["first_shard"] < inc["first_shard"] + inc["shards"]:
                 path = storage.join(plan_dir(output), part["name"])
-                yield from pq.read_table(path, columns=[schema.IMAGE_ID], filesystem=fs)[0].to_pylist()
+                yield from pq.read_table(path, columns=[UNIT], filesystem=fs)[0].to_pylist()
 
     return heapq.merge(*(increment(inc) for inc in plan.increments), key=order)
 
@@ -142,6 +160,29 @@ class _Diff:
             old = next(self.planned, None)
 
 
+def resolve_source(
+    in_fs: fsspec.AbstractFileSystem, in_root: str, requested: SourceSpec, plan: Plan | None, say: Callable[[str], None]
+) -> SourceSpec:
+    """The source a run reads: the plan's on a rerun (a different --input-format or --keep-columns is one line),
+    else the requested one, with `auto` decided from the listing's head; the first line says which."""
+    input_uri = storage.uri(in_fs, in_root)
+    if plan is not None:
+        stored = plan.spec
+        if requested.format not in ("auto", stored.format):
+            raise ValueError(f"{input_uri} was planned as --input-format {stored.format}, not {requested.format}")
+        if requested.keep_columns != stored.keep_columns:
+            kept = ",".join(stored.keep_columns) or "(none)"
+            raise ValueError(f"the plan under this --output keeps --keep-columns {kept}; rerun with the same")
+        say(f"{input_uri}: {stored.format} input (as planned)")
+        return stored
+    if requested.format == "auto":
+        kind, why = sources.detect(in_fs, in_root, requested)
+        say(f"{input_uri}: {kind} input (auto: {why}; --input-format to choose)")
+        return dataclasses.replace(requested, format=kind)
+    say(f"{input_uri}: {requested.format} input")
+    return requested
+
+
 def prepare(
     in_fs: fsspec.AbstractFileSystem,
     in_root: str,
@@ -151,6 +192,7 @@ def prepare(
     actors: int,
     incremental: bool = False,
     say: Callable[[str], None] = print,
+    source: SourceSpec | None = None,
 ) -> Plan:
     """The job's plan: made on the first run while listing; reused by reruns; extended by --incremental ones.
 
@@ -164,19 +206,26 @@ def prepare(
             f"{storage.uri(out_fs, out_root)} holds the output of another input ({plan.input}); "
             "choose a new --output or the same --input"
         )
+    spec = resolve_source(in_fs, in_root, source or SourceSpec("files"), plan, say)
+    if spec.packed and shard_size is not None:
+        raise ValueError(f"--shard-size applies to files and list inputs; each {spec.format} file is one shard")
     if plan is not None and not incremental:
         say(f"{input_uri}: plan reused, input not relisted (--incremental plans files added since)")
         return plan
+    if incremental and spec.format == "list":
+        raise ValueError("--incremental relists a folder; for an index of URIs, write a new index and --output")
     skipped = Skipped()
-    listed = iter_files(in_fs, in_root, skipped=skipped)
+    listed = sources.units(spec, in_fs, in_root, skipped)
     if plan is None:
-        if shard_size is None:
-            # Auto size from the count, deciding once enough ids are seen that the largest size applies.
+        if spec.packed:
+            shard_size = 1
+        elif shard_size is None:
+            # Auto size from the count, deciding once enough units are seen that the largest size applies.
             enough = min(auto_shard_size_limit(actors), 1 << 20)
             head = list(itertools.islice(listed, enough))
             shard_size = auto_shard_size(len(head), actors)
             listed = itertools.chain(head, listed)
-        plan = Plan(input=input_uri, shard_size=shard_size)
+        plan = Plan(input=input_uri, shard_size=shard_size, source=spec.to_dict())
         diff = None
         new_files = listed
     else:
@@ -185,7 +234,8 @@ def prepare(
     first_shard = plan.shards
     added = _write_parts(out_fs, out_root, new_files, plan.shard_size, plan)
     if not plan.files:
-        raise ValueError(f"no files under {input_uri}")
+        what = "" if spec.format == "files" else f"{spec.format} "
+        raise ValueError(f"no {what}files under {input_uri}" + _skipped_note(skipped))
     removed = diff.removed if diff else 0
     if diff and diff.removed:
         say(
@@ -200,16 +250,23 @@ def prepare(
                 "shards": plan.shards - first_shard,
                 "files": added,
                 "removed": removed,
-                "skipped": skipped.count,  # hidden or raycap's own names, not planned
+                "skipped": skipped.count,  # names not planned, by reason in skipped_reasons
+                "skipped_reasons": dict(skipped.reasons),
             }
         )
         storage.write_json_atomic(out_fs, storage.join(plan_dir(out_root), HEADER), asdict(plan))
     if skipped.count:
-        examples = ", ".join(skipped.examples)
-        say(f"{input_uri}: {skipped.count} hidden or raycap-owned names not planned (e.g. {examples})")
+        say(f"{input_uri}: {skipped.count} names not planned" + _skipped_note(skipped))
     if diff is not None:
         say(f"{input_uri}: {added} new files planned in {plan.shards - first_shard} new shards")
     return plan
+
+
+def _skipped_note(skipped: Skipped) -> str:
+    if not skipped.count:
+        return ""
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.reasons.items()))
+    return f" ({why}; e.g. {', '.join(skipped.examples)})"
 
 
 def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, tuple[int, int]]:
@@ -251,7 +308,7 @@ def pending_parts(plan: Plan, done: dict[int, tuple[int, int]]) -> list[dict[str
 
 
 def expand_parts(batch: pa.Table, output: str, storage_options: dict) -> Iterator[pa.Table]:
-    """Task: yields (shard, image_ids) for each pending shard of each plan part, read as its row group.
+    """Task: yields (shard, units, fields) for each pending shard of each plan part, read as its row group.
 
     One table per shard, so that each becomes its own block (see pipeline.run) and shards decode in parallel.
     """
@@ -260,54 +317,14 @@ def expand_parts(batch: pa.Table, output: str, storage_options: dict) -> Iterato
         with fs.open(storage.join(plan_dir(root), row["part"]), "rb") as f:
             part = pq.ParquetFile(f)
             for shard in row["pending"]:
-                ids = part.read_row_group(shard - row["first_shard"], columns=[schema.IMAGE_ID])[0]
-                yield pa.table({"shard": [shard], "image_ids": [ids.to_pylist()]})
+                group = part.read_row_group(shard - row["first_shard"], columns=[UNIT, FIELDS])
+                units, fields = group[UNIT].to_pylist(), group[FIELDS].to_pylist()
+                yield pa.table({"shard": [shard], UNITS: [units], FIELDS: [fields]})
 
 
-class Progress:
-    """One line whenever `every_seconds` have passed or another `every_fraction` of the shards finished."""
-
-    def __init__(
-        self,
-        shards: int,
-        images: int,
-        done: dict[int, tuple[int, int]],
-        say: Callable[[str], None],
-        every_seconds: float = 30.0,
-        every_fraction: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.shards, self.images, self.say, self.clock = shards, images, say, clock
-        self.every_seconds, self.step = every_seconds, max(1, math.ceil(every_fraction * shards))
-        self.done = len(done)
-        self.images_done = sum(r + e for r, e in done.values())
-        self.errors = sum(e for _, e in done.values())
-        self.this_run = 0
-        self.started = self.last_time = clock()
-        self.last_done = self.done
-
-    def shard_finished(self, rows: int, errors: int) -> None:
-        self.done += 1
-        self.images_done += rows + errors
-        self.errors += errors
-        self.this_run += rows + errors
-        now = self.clock()
-        if (
-            now - self.last_time >= self.every_seconds
-            or self.done - self.last_done >= self.step
-            or self.done == self.shards
-        ):
-            self.last_time, self.last_done = now, self.done
-            self.say(self.line(now))
-
-    def line(self, now: float) -> str:
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.this_run / elapsed
-        eta = f"{(self.images - self.images_done) / rate:.0f}s" if rate > 0 else "?"
-        return (
-            f"progress: {self.done}/{self.shards} shards, {self.images_done} images, {self.errors} errors, "
-            f"{rate:.1f} images/s, ETA {eta}"
-        )
+def planned_units(units: list[str], fields: list[str | None]) -> list[dict[str, Any]]:
+    """A shard's plan rows as sources.read takes them: {"unit", "fields"}."""
+    return [{"unit": u, "fields": None if f is None else json.loads(f)} for u, f in zip(units, fields)]
 
 
 def plan_only(config: Any, say: Callable[[str], None] = print) -> str:
@@ -315,5 +332,12 @@ def plan_only(config: Any, say: Callable[[str], None] = print) -> str:
     in_fs, in_root = storage.filesystem(config.input, config.storage_options)
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     actors = config.actors[1] if config.actors else max(1, os.cpu_count() or 1)
-    plan = prepare(in_fs, in_root, out_fs, out_root, config.shard_size, actors, config.incremental, say)
-    return f"{plan.files} files in {plan.shards} shards"
+    plan = prepare(
+        in_fs, in_root, out_fs, out_root, config.shard_size, actors, config.incremental, say, config.source()
+    )
+    return f"{plan.files} {units_name(plan)} in {plan.shards} shards"
+
+
+def units_name(plan: Plan) -> str:
+    """What the plan's units are, for the summary lines."""
+    return {"webdataset": "tars", "parquet": "Parquet files", "list": "URIs"}.get(plan.spec.format, "files")

@@ -67,12 +67,27 @@ class Shard:
 
 
 def of_files(
-    shard: int, ids: list[str], paths: list[str], files: list[bytes], errors: pa.Table = EMPTY_ERRORS
+    shard: int,
+    ids: list[str],
+    paths: list[str],
+    files: list[bytes],
+    errors: pa.Table = EMPTY_ERRORS,
+    fields: dict[str, pa.Array] | None = None,
 ) -> Shard:
-    """A shard of file bytes awaiting decoding on the model's device (width and height: known once decoded)."""
+    """A shard of file bytes awaiting decoding on the model's device (width and height: known once decoded),
+    with the samples' kept `fields`."""
     unknown = [None] * len(files)
-    meta = pa.table([ids, paths, unknown, unknown, files], schema=META_SCHEMA.append(pa.field(DATA, pa.large_binary())))
+    meta = pa.table([ids, paths, unknown, unknown], schema=META_SCHEMA)
+    meta = with_fields(meta, fields or {})
+    meta = meta.append_column(pa.field(DATA, pa.large_binary()), pa.array(files, pa.large_binary()))
     return Shard(shard, meta, errors)
+
+
+def with_fields(meta: pa.Table, fields: dict[str, pa.Array]) -> pa.Table:
+    """`meta` with the samples' kept fields as further columns (carried into the output rows)."""
+    for name, column in fields.items():
+        meta = meta.append_column(name, column)
+    return meta
 
 
 def pack(shards: list[Shard]) -> pa.Table:

@@ -83,6 +83,14 @@ def exists(location: str, storage_options: dict[str, Any] | None = None) -> bool
     return fs.exists(path)
 
 
+def is_file(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether `path` is a file (an object), not a folder or prefix; False when it does not exist."""
+    try:
+        return os.path.isfile(path) if is_local(fs) else fs.isfile(path)
+    except Exception:  # noqa: BLE001 - credentials, endpoint: the listing that follows names the problem
+        return False
+
+
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
@@ -171,6 +179,55 @@ def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
                     os.remove(os.path.join(folder, name))
                     removed += 1
     return removed
+
+
+class ParquetSink:
+    """One Parquet file written table by table (a row group each) that appears complete or not at all: locally a
+    hidden temporary sibling renamed on `close`; on S3 an upload that completes on `close` (`abort` discards it)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, compression: str) -> None:
+        self.fs, self.path = fs, path
+        parent = posixpath.dirname(path)
+        if is_local(fs):
+            os.makedirs(parent, exist_ok=True)
+            self.tmp: str | None = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+            self.file: Any = open(self.tmp, "wb")  # noqa: SIM115 - closed by close() or abort()
+        else:
+            self.tmp, self.file = None, fs.open(path, "wb")
+        dictionary = [f.name for f in schema if not pa.types.is_fixed_size_binary(f.type)]
+        self.writer = pq.ParquetWriter(self.file, schema, compression=compression, use_dictionary=dictionary)
+
+    def write(self, table: pa.Table) -> None:
+        try:
+            self.writer.write_table(table)
+        except OSError as e:
+            self.abort()
+            raise OSError(e.errno, f"{e.strerror or e}: {self.path}") from e
+
+    def close(self) -> int:
+        """Finish the file and make it visible; returns its size in bytes."""
+        try:
+            self.writer.close()
+            size = self.file.tell()
+            if self.tmp is not None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if self.tmp is not None:
+                os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise OSError(e.errno, f"{e.strerror or e}: {self.path}") from e
+        return size
+
+    def abort(self) -> None:
+        """Drop the file: nothing appears at `path`."""
+        with contextlib.suppress(Exception):
+            if self.tmp is not None:
+                self.file.close()
+                os.remove(self.tmp)
+            elif hasattr(self.file, "discard"):
+                self.file.discard()  # s3fs: abort the multipart upload, never complete it
 
 
 def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, compression: str) -> int:

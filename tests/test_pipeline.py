@@ -36,9 +36,8 @@ def folder(tmp_path_factory):
     return root
 
 
-PLAN = pa.table(
-    {"shard": [0, 1, 2], "image_ids": [["a.jpg", "bad.jpg", "c.png"], ["b.jpg", "gone.jpg"], ["notes.txt"]]}
-)
+UNITS = [["a.jpg", "bad.jpg", "c.png"], ["b.jpg", "gone.jpg"], ["notes.txt"]]
+PLAN = pa.table({"shard": [0, 1, 2], "units": UNITS, "fields": [[None] * len(u) for u in UNITS]})
 
 
 @pytest.fixture
@@ -92,7 +91,7 @@ def test_a_redone_shard_leaves_no_file_of_an_earlier_attempt(tmp_path):
 
 
 def test_bomb_guard_applies_before_decoding(folder, tmp_path):
-    batch = pa.table({"shard": [0], "image_ids": [["a.jpg", "b.jpg"]]})
+    batch = pa.table({"shard": [0], "units": [["a.jpg", "b.jpg"]], "fields": [[None, None]]})
     (shard,) = shards.unpack(stages.decode_shards(batch, _io(folder, tmp_path, max_pixels=1_500)))
     assert shard.meta[schema.IMAGE_ID].to_pylist() == ["b.jpg"]  # 30 x 40 = 1,200 pixels; a.jpg has 3,072
     assert "decompression bomb" in shard.errors["error"][0].as_py()

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycap import listing, plan, schema, storage
+from raycap import listing, plan, progress, schema, storage
 from tests.helpers import extract
 
 
@@ -31,7 +31,7 @@ def _planned(out: Path) -> list[list[str]]:
     items = plan.pending_parts(header, {})
     table = pa.concat_tables(plan.expand_parts(pa.Table.from_pylist(items), str(out), {}))
     assert table["shard"].to_pylist() == list(range(header.shards))
-    return table["image_ids"].to_pylist()
+    return table["units"].to_pylist()
 
 
 def test_local_and_object_store_listings_stream_the_same_order(tmp_path):
@@ -108,14 +108,14 @@ def test_finished_shards_come_from_one_listing_and_double_commits_are_redone(tmp
 def test_progress_prints_every_tenth_of_the_shards_or_interval():
     lines: list[str] = []
     now = [0.0]
-    p = plan.Progress(25, 400, {0: (16, 0)}, lines.append, every_seconds=30, clock=lambda: now[0])
+    p = progress.Progress(25, 400, {0: (16, 0)}, lines.append, every_seconds=30, clock=lambda: now[0])
     for _ in range(1, 25):
         now[0] += 1.0
         p.shard_finished(15, 1)
     assert len(lines) == 8  # 24 shards in steps of 3 (10% of 25, rounded up)
     assert lines[3] == "progress: 13/25 shards, 208 images, 12 errors, 16.0 images/s, ETA 12s"
     assert lines[-1].startswith("progress: 25/25 shards, 400 images")
-    slow = plan.Progress(100, 100, {}, lines.append, every_seconds=30, clock=lambda: now[0])
+    slow = progress.Progress(100, 100, {}, lines.append, every_seconds=30, clock=lambda: now[0])
     now[0] += 31
     slow.shard_finished(1, 0)
     assert lines[-1].startswith("progress: 1/100 shards")  # 30 s passed, though only 1% finished
