@@ -81,11 +81,14 @@ class FlatBucket(AbstractFileSystem):
         return {"Contents": keys, "IsTruncated": last < self.n, "NextContinuationToken": str(last)}
 
 
-def source(layout: str, n: int, endpoint: str | None) -> tuple[AbstractFileSystem, str]:
-    """The input of a child: `n` simulated ids nested or flat, or the moto server's flat prefix."""
-    if endpoint:
-        options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
+def source(layout: str, n: int, where: str | None) -> tuple[AbstractFileSystem, str]:
+    """The input of a child: `n` simulated ids nested or flat, the moto server's flat prefix at endpoint `where`,
+    or the local folder `where`."""
+    if layout == "moto":
+        options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": where}}
         return fsspec.filesystem("s3", skip_instance_cache=True, **options), "bench/flat"
+    if layout == "local":
+        return storage.filesystem(where)
     return (FlatBucket(n) if layout == "flat" else SimulatedListing(n)), "/bucket"
 
 
@@ -95,11 +98,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(n: int, workdir: str, layout: str, endpoint: str | None) -> dict:
+def child(n: int, workdir: str, layout: str, where: str | None) -> dict:
     """Plan `n` ids into `workdir`, then time the resume check of a run whose shards all finished."""
     out_fs, out = storage.filesystem(os.path.join(workdir, "out"))
     started = time.perf_counter()
-    in_fs, in_root = source(layout, n, endpoint)
+    in_fs, in_root = source(layout, n, where)
     requests = []
     if hasattr(in_fs, "call_s3"):  # count the listing's requests
         call = in_fs.call_s3
@@ -117,7 +120,7 @@ def child(n: int, workdir: str, layout: str, endpoint: str | None) -> dict:
         for k in range(part["first_shard"], part["first_shard"] + part["shards"]):
             os.close(os.open(os.path.join(markers, plan.marker_name(k, 250, 6)), os.O_CREAT | os.O_WRONLY))
     started = time.perf_counter()
-    header = plan.prepare(*source(layout, 0, endpoint), out_fs, out, None, 8, say=lambda _: None)
+    header = plan.prepare(*source(layout, 0, where), out_fs, out, None, 8, say=lambda _: None)
     done = plan.finished_shards(out_fs, out)
     left = plan.pending_parts(header, done)
     resume = time.perf_counter() - started
@@ -135,11 +138,11 @@ def child(n: int, workdir: str, layout: str, endpoint: str | None) -> dict:
     }
 
 
-def planned_in_child(n: int, layout: str, endpoint: str | None = None) -> dict:
+def planned_in_child(n: int, layout: str, where: str | None = None) -> dict:
     """`child` in a fresh process, with that process's peak RSS as the kernel counted it."""
     with tempfile.TemporaryDirectory(prefix="raycap-plan-") as workdir:
         command = [sys.executable, __file__, "--child", str(n), "--workdir", workdir, "--layout", layout]
-        command += ["--endpoint", endpoint] if endpoint else []
+        command += ["--where", where] if where else []
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "child failed"
@@ -226,12 +229,35 @@ def moto(keys: int, latency_ms: float, flat: int = 0) -> Iterator[dict]:
 def run_flat_moto(keys: int) -> None:
     """Plan one flat prefix of `keys` hash-named keys from a moto server, in a child process."""
     with moto(0, 0.0, flat=keys) as info:
-        result = planned_in_child(keys, "flat", info["endpoint"])
+        result = planned_in_child(keys, "moto", info["endpoint"])
     print(
         f"moto: {keys:,} keys in one prefix (created in {info['create_s']} s) planned in {result['planning_s']} s "
         f"with {result['list_requests']} ListObjectsV2 requests, driver peak RSS {result['child_maxrss_mb']} MB",
         flush=True,
     )
+
+
+def run_local_flat(sizes: list[int]) -> None:
+    """Plan one local folder of n empty files for each n, in a child process each (the folder sorted in runs of
+    listing.LOCAL_RUN names, spilled to the temp folder)."""
+    peaks = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="raycap-flat-") as folder:
+            started = time.perf_counter()
+            for k in range(n):
+                os.close(
+                    os.open(os.path.join(folder, f"{k * 2654435761 % 2**32:08x}-{k}.jpg"), os.O_CREAT | os.O_WRONLY)
+                )
+            create_s = time.perf_counter() - started
+            result = planned_in_child(n, "local", folder)
+        peaks.append(result["child_maxrss_mb"])
+        print(
+            f" local {n:>11,} files in one folder (created in {create_s:.1f} s): planned in {result['planning_s']} s, "
+            f"driver peak RSS {result['child_maxrss_mb']} MB",
+            flush=True,
+        )
+    if len(sizes) > 1:
+        print(f" local peak RSS {sizes[-1]:,} / {sizes[0]:,} files: {peaks[-1] / peaks[0]:.2f}x", flush=True)
 
 
 def run_listing(keys: int, latency_ms: float) -> None:
@@ -269,10 +295,11 @@ def main() -> None:
     p.add_argument("--listing", type=int, default=0, help="keys for the moto listing comparison (0: skip)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="simulated round trip per moto request")
     p.add_argument("--layouts", nargs="*", default=["nested", "flat"], choices=["nested", "flat"])
+    p.add_argument("--local-flat", type=int, nargs="*", default=[], help="empty files in one local folder, planned")
     p.add_argument("--flat-moto", type=int, default=20_000, help="keys in one prefix planned from moto (0: skip)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--layout", help=argparse.SUPPRESS)
-    p.add_argument("--endpoint", help=argparse.SUPPRESS)
+    p.add_argument("--where", help=argparse.SUPPRESS)
     p.add_argument("--moto-flat", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--moto-server", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -281,7 +308,7 @@ def main() -> None:
         moto_server(a.moto_server, a.latency_ms, a.moto_flat)
         return
     if a.child is not None:
-        print(json.dumps(child(a.child, a.workdir, a.layout, a.endpoint)))
+        print(json.dumps(child(a.child, a.workdir, a.layout, a.where)))
         return
     with open("/proc/cpuinfo") as f:
         cpuinfo = f.read()
@@ -293,6 +320,8 @@ def main() -> None:
         run_sizes(a.sizes, a.layouts)
     if a.flat_moto:
         run_flat_moto(a.flat_moto)
+    if a.local_flat:
+        run_local_flat(a.local_flat)
 
 
 if __name__ == "__main__":
