@@ -160,13 +160,15 @@ def run_sizes(sizes: list[int], layouts: list[str]) -> None:
             print(
                 f"{layout:>6} {n:>11,} ids: planned in {result['planning_s']} s, {result['shards']} shards in "
                 f"{result['parts']} parts, plan {result['plan_mb']} MB, driver peak RSS "
-                f"{result['child_maxrss_mb']} MB; finished run -> nothing to do in {result['resume_check_s']} s",
+                f"{result['plan_peak_rss_mb']} MB planning, {result['child_maxrss_mb']} MB with the resume check; "
+                f"finished run -> nothing to do in {result['resume_check_s']} s",
                 flush=True,
             )
         if len(results) > 1:
             lo, hi = results[0], results[-1]
             print(
-                f"{layout:>6} peak RSS {hi['ids']:,} / {lo['ids']:,} ids: "
+                f"{layout:>6} peak RSS {hi['ids']:,} / {lo['ids']:,} ids: planning "
+                f"{hi['plan_peak_rss_mb'] / lo['plan_peak_rss_mb']:.2f}x, with the resume check "
                 f"{hi['child_maxrss_mb'] / lo['child_maxrss_mb']:.2f}x (ids {hi['ids'] / lo['ids']:.0f}x)",
                 flush=True,
             )
@@ -232,7 +234,7 @@ def run_flat_moto(keys: int) -> None:
         result = planned_in_child(keys, "moto", info["endpoint"])
     print(
         f"moto: {keys:,} keys in one prefix (created in {info['create_s']} s) planned in {result['planning_s']} s "
-        f"with {result['list_requests']} ListObjectsV2 requests, driver peak RSS {result['child_maxrss_mb']} MB",
+        f"with {result['list_requests']} ListObjectsV2 requests, driver peak RSS {result['plan_peak_rss_mb']} MB",
         flush=True,
     )
 
@@ -250,10 +252,10 @@ def run_local_flat(sizes: list[int]) -> None:
                 )
             create_s = time.perf_counter() - started
             result = planned_in_child(n, "local", folder)
-        peaks.append(result["child_maxrss_mb"])
+        peaks.append(result["plan_peak_rss_mb"])
         print(
             f" local {n:>11,} files in one folder (created in {create_s:.1f} s): planned in {result['planning_s']} s, "
-            f"driver peak RSS {result['child_maxrss_mb']} MB",
+            f"driver peak RSS {result['plan_peak_rss_mb']} MB",
             flush=True,
         )
     if len(sizes) > 1:
