@@ -132,11 +132,23 @@ def _planned_ids(fs: fsspec.AbstractFileSystem, output: str, plan: Plan) -> Iter
     return heapq.merge(*(increment(inc) for inc in plan.increments), key=order)
 
 
+def _ascending(ids: Iterable[str], what: str, advice: str) -> Iterator[str]:
+    """`ids`, checked to be in `order` as the diff's merge needs: a plan that an older raycap listed in another
+    order (path components compared one by one) is one line, never files planned twice."""
+    last = None
+    for image_id in ids:
+        if last is not None and order(image_id) < order(last):
+            raise ValueError(f"{what} is not in listing order ({last!r} before {image_id!r}); {advice}")
+        last = image_id
+        yield image_id
+
+
 class _Diff:
     """Streams the listed ids missing from the plan; counts (and samples) planned ids no longer listed."""
 
     def __init__(self, planned: Iterator[str], listed: Iterator[str]) -> None:
-        self.planned, self.listed = planned, listed
+        self.planned = _ascending(planned, "the plan", "an older raycap wrote it: choose a new --output")
+        self.listed = _ascending(listed, "the input's listing", "its store does not list keys in byte order")
         self.removed = 0
         self.removed_examples: list[str] = []
 
