@@ -33,7 +33,8 @@ def write_webdataset(root, cut: bool = True) -> dict[str, str]:
     expected: dict[str, str] = {}
 
     def sample(key: str, text: str, image: bytes | None, ext: str = "jpg") -> dict:
-        s = {"__key__": key, "txt": text, "json": json.dumps({"url": f"http://example.com/{key}", "status": "success", "exif": {"w": 24}})}
+        meta = {"url": f"http://example.com/{key}", "status": "success", "exif": {"w": 24}}
+        s = {"__key__": key, "txt": text, "json": json.dumps(meta)}
         if image is not None:
             s[ext] = image
         return s
@@ -103,7 +104,8 @@ def test_webdataset_store_every_sample_once_bad_ones_named_and_a_cut_tar_keeps_w
     assert {r[schema.IMAGE_ID]: r["txt"] for r in rows} == good  # once each, with its own text
     assert len(rows) == len(good)
     first = next(r for r in rows if r[schema.IMAGE_ID] == "00000.tar/000000001")
-    assert first["key"] == "000000001" and first["url"] == "http://example.com/000000001" and first["exif"] == '{"w": 24}'
+    assert first["key"] == "000000001" and first["url"] == "http://example.com/000000001"
+    assert first["exif"] == '{"w": 24}'  # a JSON field that is not text, as its JSON
     named = {e[schema.PATH]: e for e in errors}
     assert sorted(named) == sorted(f"{root}/{k.replace('/', '#')}" for k, v in expected.items() if v == "error")
     assert named[f"{root}/00000.tar#000000006"]["error"].startswith("no image: the sample has no an image member")
