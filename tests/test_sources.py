@@ -207,3 +207,60 @@ def test_webdataset_member_names_follow_the_convention():
     assert split_name("dir/a.b.seg.png") == ("dir/a", "b.seg.png")
     assert split_name("000010005.JSON") == ("000010005", "json")
     assert split_name("README") == ("README", "")
+
+
+def _random_model(path) -> str:
+    """A model directory with untrained weights: caption needs one, not a good one."""
+    import torch
+
+    from raycap.model import Captioner, ModelConfig
+    from raycap.modeldir import write_model_dir
+    from raycap.text import Vocabulary
+
+    vocab = Vocabulary.build(["a grey square", "second tar"])
+    torch.manual_seed(0)
+    model = Captioner(ModelConfig(vocab_size=len(vocab))).eval()
+    write_model_dir(str(path), model, vocab, {"encoder_weights": "random", "feature_dtype": "float16"})
+    return str(path)
+
+
+def test_extract_and_caption_read_a_webdataset_store_and_carry_its_text(ray_session, tmp_path):
+    from jobs import caption as caption_job
+    from tests.helpers import extract
+
+    root = tmp_path / "laion"
+    expected = write_webdataset(root)
+    good = {k: v for k, v in expected.items() if v != "error"}
+    assert extract(root, tmp_path / "features", "--keep-columns", "txt,url") == 0
+    rows = pq.read_table(tmp_path / "features" / schema.FEATURES_DIR).to_pylist()
+    assert {r[schema.IMAGE_ID]: r["txt"] for r in rows} == good and len(rows) == len(good)
+    assert all(r["url"].endswith(r["key"]) for r in rows)
+    errors = pq.read_table(tmp_path / "features" / schema.ERRORS_DIR)
+    assert errors.num_rows == len(expected) - len(good)
+    manifest = json.loads((tmp_path / "features" / schema.MANIFEST_FILE).read_text())
+    assert (manifest["input_format"], manifest["images"], manifest["units"]) == ("webdataset", len(expected), 2)
+    # A rerun over the same output resumes: nothing redone, nothing doubled.
+    assert extract(root, tmp_path / "features", "--keep-columns", "txt,url") == 0
+    assert pq.read_table(tmp_path / "features" / schema.FEATURES_DIR).num_rows == len(good)
+    args = ["--input", str(root), "--output", str(tmp_path / "captions"), "--model", _random_model(tmp_path / "m")]
+    assert caption_job.main([*args, "--keep-columns", "txt", "--max-length", "3", "--beam-size", "1"]) == 0
+    captions = pq.read_table(tmp_path / "captions" / schema.CAPTIONS_DIR).to_pylist()
+    assert {r[schema.IMAGE_ID]: r["txt"] for r in captions} == good
+    assert all(r[schema.PATH] == f"{root}/{r[schema.IMAGE_ID].replace('/', '#')}" for r in captions)
+
+
+def test_extract_reads_a_hugging_face_parquet_store(ray_session, tmp_path):
+    import datasets
+
+    from tests.helpers import extract
+
+    root = tmp_path / "hf"
+    root.mkdir()
+    cells = [Image.new("RGB", (30, 20), (i, i, i)) for i in range(0, 250, 50)] + [{"bytes": b"junk", "path": None}]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    table = {"image": cells, "text": [f"t{i}" for i in range(6)]}
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(root / "data.parquet"))
+    assert extract(root, tmp_path / "out", "--input-format", "parquet", "--keep-columns", "text") == 0
+    rows = pq.read_table(tmp_path / "out" / schema.FEATURES_DIR).to_pylist()
+    assert sorted((r[schema.IMAGE_ID], r["text"]) for r in rows) == [(f"data.parquet/{i}", f"t{i}") for i in range(5)]
+    assert pq.read_table(tmp_path / "out" / schema.ERRORS_DIR)[schema.PATH].to_pylist() == [f"{root}/data.parquet#5"]
