@@ -264,3 +264,53 @@ def test_extract_reads_a_hugging_face_parquet_store(ray_session, tmp_path):
     rows = pq.read_table(tmp_path / "out" / schema.FEATURES_DIR).to_pylist()
     assert sorted((r[schema.IMAGE_ID], r["text"]) for r in rows) == [(f"data.parquet/{i}", f"t{i}") for i in range(5)]
     assert pq.read_table(tmp_path / "out" / schema.ERRORS_DIR)[schema.PATH].to_pylist() == [f"{root}/data.parquet#5"]
+
+
+@pytest.mark.slow
+def test_tars_on_s3_after_a_killed_driver_are_read_exactly_once(s3_server, tmp_path):
+    """SIGKILL the whole driver (embedded Ray included) after its first committed tar, then rerun: on S3."""
+    import contextlib
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import s3fs
+
+    from tests.helpers import HANG_SECONDS
+
+    root = tmp_path / "laion"
+    expected = write_webdataset(root)
+    for copy in ("00002.tar", "00003.tar"):
+        shutil.copy(root / "00000.tar", root / copy)
+        expected |= {k.replace("00000.tar", copy): v for k, v in expected.items() if k.startswith("00000.tar/")}
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("wds-killed")
+    fs.put(str(root), "wds-killed/in", recursive=True)
+    env = {**os.environ, "RAYCAP_VERBOSE": ""}
+    cmd = [sys.executable, "-m", "raycap.cli", "extract", "--input", "s3://wds-killed/in", "--output",
+           "s3://wds-killed/out", "--encoder-weights", "random", "--actors", "1", "--keep-columns", "txt",
+           "--storage-options", json.dumps(s3_server)]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + HANG_SECONDS
+
+    def committed() -> bool:
+        fs.invalidate_cache()
+        return fs.exists("wds-killed/out/_shards") and bool(fs.ls("wds-killed/out/_shards", refresh=True))
+
+    while not committed():
+        assert proc.poll() is None and time.monotonic() < deadline, "the driver never committed a tar"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.2)  # wakes when the driver exits, or to look for the first marker again
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not fs.exists("wds-killed/out/_manifest.json")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads(fs.cat_file("wds-killed/out/_manifest.json"))
+    assert manifest["shards_this_run"] < 4 and manifest["images"] == len(expected)
+    rows = pq.read_table("wds-killed/out/features", filesystem=fs).to_pylist()
+    good = {k: v for k, v in expected.items() if v != "error"}
+    assert {r[schema.IMAGE_ID]: r["txt"] for r in rows} == good and len(rows) == len(good)
+    assert pq.read_table("wds-killed/out/errors", filesystem=fs).num_rows == len(expected) - len(good)
