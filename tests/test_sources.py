@@ -314,3 +314,37 @@ def test_tars_on_s3_after_a_killed_driver_are_read_exactly_once(s3_server, tmp_p
     good = {k: v for k, v in expected.items() if v != "error"}
     assert {r[schema.IMAGE_ID]: r["txt"] for r in rows} == good and len(rows) == len(good)
     assert pq.read_table("wds-killed/out/errors", filesystem=fs).num_rows == len(expected) - len(good)
+
+
+def test_tars_and_parquet_files_on_s3_and_an_incremental_rerun_plans_only_new_tars(s3_server, tmp_path):
+    import shutil
+
+    import datasets
+    import s3fs
+
+    root = tmp_path / "laion"
+    expected = write_webdataset(root)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (9, 9))] * 3}, features=features).to_parquet(
+        str(hf / "a.parquet")
+    )
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("stores")
+    fs.put(str(root), "stores/laion", recursive=True)
+    fs.put(str(hf), "stores/hf", recursive=True)
+    rows, errors, made, _ = run_stage("s3://stores/laion", "s3://stores/out", SourceSpec(), s3_server, piece=3)
+    assert made.spec.format == "webdataset" and len(rows) + len(errors) == len(expected)
+    assert {r[schema.IMAGE_ID] for r in rows} == {k for k, v in expected.items() if v != "error"}
+    assert all(e[schema.PATH].startswith("s3://stores/laion/0000") for e in errors)
+    rows, errors, made, _ = run_stage("s3://stores/hf", "s3://stores/hf-out", SourceSpec(), s3_server)
+    assert made.spec.format == "parquet" and sorted(r["row"] for r in rows) == [0, 1, 2] and not errors
+    # A tar added later is a new shard; the finished ones are not redone.
+    shutil.copy(root / "00000.tar", root / "00002.tar")
+    fs.put(str(root / "00002.tar"), "stores/laion/00002.tar")
+    rows, errors, made, said = run_stage(
+        "s3://stores/laion", "s3://stores/out", SourceSpec(), s3_server, incremental=True
+    )
+    assert made.shards == 3 and any("1 new files planned in 1 new shards" in line for line in said), said
+    assert len(rows) == len([k for k, v in expected.items() if v != "error"]) + 5
