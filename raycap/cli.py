@@ -291,7 +291,8 @@ def _user_error(e: BaseException) -> str | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, ValueError | FileNotFoundError) or type(e).__name__ in ("TooManyErrors", "StoreUnavailable"):
+        one_line = ("TooManyErrors", "StoreUnavailable", "ShardsFailed")
+        if isinstance(e, ValueError | FileNotFoundError) or type(e).__name__ in one_line:
             return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"disk full ({e.strerror}); free space, then rerun to resume"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raycap import plan, schema, shards, storage
+from raycap import attempts, plan, schema, shards, storage
 from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
 IMAGE_IDS = "image_ids"  # column of the plan rows (shard, image_ids) that plan.expand_parts yields
@@ -136,7 +136,7 @@ class ShardModel:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        markers = []
+        batch, markers = attempts.admit(self.io.output, self.io.storage_options, batch)  # a try each, or failed
         for shard in self._shards(batch):
             if shard.encoded:
                 shard = self.decode(shard)
