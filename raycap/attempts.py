@@ -10,8 +10,11 @@ exactly the shards that did not commit.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -76,7 +79,49 @@ def admit(output: str, storage_options: dict[str, Any], batch: pa.Table) -> tupl
             keep.append(i)
         else:
             failed.append({"shard": shard, "rows": 0, "errors": 0, "bytes": 0, FAILED: reason})
-    return (batch if len(keep) == len(batch) else batch.take(keep)), failed
+    return (batch if len(keep) == len(batch) else batch.take(pa.array(keep, pa.int64()))), failed
+
+
+class _Turns:
+    """Calls of one actor overlap (GPU actors take two), so a death kills every shard in flight; a shard being
+    retried runs alone, so that the shard in flight beside a poison one is charged at most its first try."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0  # calls running beside others
+        self._alone = False  # a retried shard's call is running
+
+    @contextlib.contextmanager
+    def take(self, alone: bool) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone and (not alone or self._shared == 0))
+            if alone:
+                self._alone = True
+            else:
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if alone:
+                    self._alone = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
+
+
+_TURNS = _Turns()  # one per process: a model actor's worker
+
+
+@contextlib.contextmanager
+def turn(
+    output: str, storage_options: dict[str, Any], batch: pa.Table
+) -> Iterator[tuple[pa.Table, list[dict[str, Any]]]]:
+    """Around a model call: `admit` its batch once the call may run (alone if one of its shards is retried)."""
+    fs, root = storage.filesystem(output, storage_options)
+    retried = any(tried(fs, root, shard) for shard in batch.column("shard").to_pylist())
+    with _TURNS.take(alone=retried):
+        yield admit(output, storage_options, batch)
 
 
 def clear(fs: Any, root: str) -> None:

@@ -136,7 +136,10 @@ class ShardModel:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        batch, markers = attempts.admit(self.io.output, self.io.storage_options, batch)  # a try each, or failed
+        with attempts.turn(self.io.output, self.io.storage_options, batch) as (batch, markers):  # a try, or failed
+            return self._process(batch, markers)
+
+    def _process(self, batch: pa.Table, markers: list[dict[str, Any]]) -> pa.Table:
         for shard in self._shards(batch):
             if shard.encoded:
                 shard = self.decode(shard)
