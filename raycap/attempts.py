@@ -72,14 +72,27 @@ def begin(output: str, storage_options: dict[str, Any], shard: int, attempts: in
 def admit(output: str, storage_options: dict[str, Any], batch: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
     """The rows of a model call's batch (plan rows or packed shards, each with a `shard` column) still to process,
     each with a try recorded, and the marker rows of those out of tries."""
-    keep, failed = [], []
+    fs, root = storage.filesystem(output, storage_options)
+    keep, done, failed = [], [], []
     for i, shard in enumerate(batch.column("shard").to_pylist()):
-        reason = begin(output, storage_options, shard)
-        if reason is None:
+        # A call retried after its shard committed (the worker died before Ray had its result): the marker again.
+        if tried(fs, root, shard) and (marker := committed(fs, root, shard)) is not None:
+            done.append(marker)
+        elif (reason := begin(output, storage_options, shard)) is None:
             keep.append(i)
         else:
             failed.append({"shard": shard, "rows": 0, "errors": 0, "bytes": 0, FAILED: reason})
-    return (batch if len(keep) == len(batch) else batch.take(pa.array(keep, pa.int64()))), failed
+    return (batch if len(keep) == len(batch) else batch.take(pa.array(keep, pa.int64()))), failed + done
+
+
+def committed(fs: Any, root: str, shard: int) -> dict[str, int] | None:
+    """The commit marker of `shard` as the model stage returns it, or None (one prefix listing: a retry only)."""
+    folder = storage.join(root, schema.SHARDS_DIR)
+    fs.invalidate_cache(folder)
+    for path in fs.glob(storage.join(folder, f"{plan.shard_name(shard)}.rows-*.json")):
+        marker = storage.read_json(fs, path)
+        return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"], "bytes": marker["bytes"]}
+    return None
 
 
 class _Turns:
