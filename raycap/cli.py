@@ -24,7 +24,7 @@ from typing import Any
 from raycap import plan
 from raycap.config import PRECISIONS, VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
 from raycap.images import DEFAULT_MAX_PIXELS
-from raycap.session import exit_now, init_ray, init_ray_while, quiet_ray
+from raycap.session import exit_now, filter_driver_stderr, init_ray, init_ray_while, quiet_ray
 
 # Every numeric TrainConfig field is a `raycap train` flag of the same name (--epochs, --batch-size, ...).
 TRAIN_NUMBERS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "int | None")]
@@ -327,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     """The `raycap` command: main, then exit at once (session.exit_now)."""
+    filter_driver_stderr()
     exit_now(main())
 
 
