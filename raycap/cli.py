@@ -24,7 +24,7 @@ from typing import Any
 from raycap import plan
 from raycap.config import PRECISIONS, VERBOSE_ENV, CaptionConfig, ExtractConfig, TrainConfig, parse_storage_options
 from raycap.images import DEFAULT_MAX_PIXELS
-from raycap.session import exit_now, init_ray, init_ray_while, quiet_ray
+from raycap.session import exit_now, filter_driver_stderr, init_ray, init_ray_while, quiet_ray
 from raycap.sources import FORMATS
 
 # Every numeric TrainConfig field is a `raycap train` flag of the same name (--epochs, --batch-size, ...).
@@ -323,7 +323,8 @@ def _user_error(e: BaseException) -> str | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, ValueError | FileNotFoundError) or type(e).__name__ in ("TooManyErrors", "StoreUnavailable"):
+        one_line = ("TooManyErrors", "StoreUnavailable", "ShardsFailed")
+        if isinstance(e, ValueError | FileNotFoundError) or type(e).__name__ in one_line:
             return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"disk full ({e.strerror}); free space, then rerun to resume"
@@ -358,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     """The `raycap` command: main, then exit at once (session.exit_now)."""
+    filter_driver_stderr()
     exit_now(main())
 
 

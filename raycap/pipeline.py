@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raycap import plan, resources, schema, shards, sources, stages, storage
+from raycap import attempts, plan, resources, schema, shards, sources, stages, storage
 from raycap.config import PipelineConfig
 from raycap.images import DEFAULT_MAX_PIXELS
 from raycap.plan import auto_shard_size  # noqa: F401 - part of this module's interface
@@ -151,6 +151,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     out_fs, out_root = storage.filesystem(job.output, job.storage_options)
     input_uri = storage.uri(in_fs, in_root)
     storage.remove_stale_temporaries(out_fs, out_root)  # an earlier run's killed writes
+    attempts.clear(out_fs, out_root)  # an earlier run's tries: every unfinished shard gets SHARD_ATTEMPTS anew
     res = plan_resources(job)
     res |= settle_resources(job, res)
     shard_plan = plan.prepare(
@@ -170,10 +171,14 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     shard_images = sources.PIECE_IMAGES if source.packed else shard_plan.shard_size  # held at a time per shard
     inflight = inflight_bytes(shard_images, res["actors"][1], job.row_bytes, res["decode_tasks"], res["in_flight"])
     finished_before = set(done)
+    failed: dict[int, str] = {}  # shard -> why, of shards out of tries (raycap.attempts)
     if parts:
         lines = Progress(shard_plan.shards, shard_plan.images, done, progress, every_seconds=progress_seconds)
         ds = _shard_dataset(job, res, parts, source)
         for marker in resources.watched(ds.iter_rows(), resources.stall_seconds(), "shard"):
+            if attempts.is_failed(marker):
+                failed[int(marker["shard"])] = marker[attempts.FAILED]
+                continue
             rows, errors = int(marker["rows"]), int(marker["errors"])
             done[int(marker["shard"])] = (rows, errors)
             lines.shard_finished(rows, errors)
@@ -183,6 +188,8 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
                     f"{errors_so_far} images failed, over --max-errors {job.max_errors}; see "
                     f"{storage.uri(out_fs, storage.join(out_root, schema.ERRORS_DIR))} (rerun to resume)"
                 )
+    if failed:
+        raise attempts.ShardsFailed(attempts.failure_line(failed))
     elapsed = time.time() - started
     processed = sum(r + e for k, (r, e) in done.items() if k not in finished_before)
     manifest = {
@@ -282,6 +289,10 @@ def _shard_dataset(
             ),
             num_gpus=res["num_gpus"],
             num_cpus=res["actor_cpus"],
+            # Ray 2.60 takes these only as ray_remote_args (it warns: 2.64 names them). A restart follows a death
+            # in a call, and a call is retried a bounded number of times (Ray Data's default: forever).
+            max_restarts=-1,
+            max_task_retries=attempts.ray_task_retries(),
         )
     return ds
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -33,6 +34,45 @@ QUIET_RAY_ENV = {
 
 _embedded = False  # whether this process started the Ray it uses (see exit_now)
 
+# Lines this process's own Ray core worker writes to stderr (C++ logging, which no Python level reaches), dropped
+# when not verbose: Ray Data ships every actor's context and function as object-store arguments (so each Ray Data
+# actor with restarts draws this), and the driver owns those objects for the whole job, so a restart finds them.
+DRIVER_SKIP = re.compile(rb"has constructor arguments in the object store and max_restarts > 0")
+_stderr_filter: dict[str, Any] = {}  # the filter's thread and fds while this process's stderr goes through it
+_filter_wanted = False  # set by the `raycap` command (see filter_driver_stderr)
+
+
+def filter_driver_stderr() -> None:
+    """Ask init_ray to put this process's stderr (fd 2) through a filter of DRIVER_SKIP lines once Ray is up (so
+    Ray's own processes keep the real stderr). Only for a command's own process: exit_now drains it."""
+    global _filter_wanted
+    _filter_wanted = True
+
+
+def _start_stderr_filter() -> None:
+    read_fd, write_fd = os.pipe()
+    real = os.dup(2)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+
+    def forward() -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            for line in iter(pipe.readline, b""):
+                if not DRIVER_SKIP.search(line):
+                    os.write(real, line)
+
+    thread = threading.Thread(target=forward, name="raycap-stderr", daemon=True)
+    thread.start()
+    _stderr_filter.update(thread=thread, real=real)
+
+
+def _stop_stderr_filter() -> None:
+    """Give fd 2 back to the real stderr and forward what is still in the pipe."""
+    if not _stderr_filter:
+        return
+    os.dup2(_stderr_filter["real"], 2)  # the pipe's last writer is gone: the thread reads to its end
+    _stderr_filter.pop("thread").join(timeout=5)
+
 
 def quiet_ray() -> None:
     """Keep Ray's own log lines out of the terminal unless --verbose or RAYCAP_VERBOSE=1; errors still show.
@@ -47,6 +87,8 @@ def quiet_ray() -> None:
     for name, value in QUIET_RAY_ENV.items():
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray's warnings about its own internals
+    # Ray 2.60 takes an actor pool's max_task_retries only as ray_remote_args (2.64 names them; pipeline.py).
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     for name in ("ray", "ray.data", "ray.train"):
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
@@ -86,6 +128,8 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
         )
         _embedded = True
+    if _filter_wanted and not verbose() and not _stderr_filter:
+        _start_stderr_filter()
     else:
         _check_reachable(address, flag)
         ray.init(address=address, log_to_driver=True)
@@ -156,6 +200,7 @@ def exit_now(code: int) -> None:
     die with it), so the teardown protects no data."""
     sys.stdout.flush()
     sys.stderr.flush()
+    _stop_stderr_filter()
     if _embedded:
         os._exit(code)
     sys.exit(code)

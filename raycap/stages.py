@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raycap import plan, schema, shards, sources, storage
+from raycap import attempts, plan, schema, shards, sources, storage
 from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from raycap.sources import PIECE_IMAGES, SourceSpec
 
@@ -192,7 +192,10 @@ class ShardModel:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        markers = []
+        with attempts.turn(self.io.output, self.io.storage_options, batch) as (batch, markers):  # a try, or failed
+            return self._process(batch, markers)
+
+    def _process(self, batch: pa.Table, markers: list[dict[str, Any]]) -> pa.Table:
         for shard, pieces in self._shards(batch):
             writer = ShardWriter(self.io, shard)
             try:

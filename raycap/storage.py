@@ -96,8 +96,9 @@ def one_line(e: BaseException) -> str:
 
 
 READ_THREADS = 16  # object reads in flight per shard
-READ_ATTEMPTS = 8  # tries of one object read before the store counts as unavailable
-READ_BACKOFF_S = 0.5  # first wait between tries, doubled each time up to READ_BACKOFF_MAX_S, with jitter
+# Settings from the environment (every process of a job reads them: on a cluster, set them in the runtime_env).
+READ_ATTEMPTS = int(os.environ.get("RAYCAP_READ_ATTEMPTS", "8"))  # tries of one object read, then unavailable
+READ_BACKOFF_S = float(os.environ.get("RAYCAP_READ_BACKOFF_S", "0.5"))  # first wait, doubled each try up to the max
 READ_BACKOFF_MAX_S = 8.0  # so 8 tries ride out ~30 s of expired credentials or throttling
 
 
