@@ -164,12 +164,13 @@ def test_real_model_stages_take_the_wire_format_with_cpu_or_device_decoding(fold
     for decode in ("cpu", "device"):
         decoded = stages.decode_shards(batch, io, decode=decode)
         for model, rows_dir in ((features, schema.FEATURES_DIR), (captions, schema.CAPTIONS_DIR)):
-            model.io = dataclasses.replace(io, rows_dir=rows_dir)
+            # A job per output root (a committed shard is never redone there).
+            model.io = dataclasses.replace(io, rows_dir=rows_dir, output=str(tmp_path / decode / rows_dir))
             assert model(decoded).to_pylist() == [{"shard": 0, "rows": 2, "errors": 1, "bytes": ANY}]
-        rows = pq.read_table(tmp_path / "out" / schema.FEATURES_DIR / "shard-000000.parquet")
+        rows = pq.read_table(tmp_path / decode / schema.FEATURES_DIR / schema.FEATURES_DIR / "shard-000000.parquet")
         assert rows[schema.IMAGE_ID].to_pylist() == ["a.jpg", "c.png"]
         assert schema.features_to_numpy(rows[schema.FEATURES]).shape == (2, 64, 2048)
-        rows = pq.read_table(tmp_path / "out" / schema.CAPTIONS_DIR / "shard-000000.parquet")
+        rows = pq.read_table(tmp_path / decode / schema.CAPTIONS_DIR / schema.CAPTIONS_DIR / "shard-000000.parquet")
         assert rows.schema.equals(schema.CAPTIONS_SCHEMA) and rows.num_rows == 2
 
 
