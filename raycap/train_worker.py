@@ -185,7 +185,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = s.learning_rate * lr_factor(step, s.warmup_steps, cfg.total_steps)
             with autocast(precision, device.type):
-                logits, alphas = model(feats, caps, index)
+                logits, alphas = model(feats, caps, index, packed=True)  # (K, V): real tokens only
                 loss = caption_loss(logits, alphas, caps, s.attention_penalty, weights)
             optimizer_step(model, optimizer, scaler, loss, s.grad_clip)
             step += 1
