@@ -107,32 +107,65 @@ class Captioner(nn.Module):
         return logits, hidden, alpha
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        captions: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        packed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing over captions (N, T) of token ids starting with <start>, padded with 0.
 
         `image_index` (N,) maps each caption to its image in `features` (B, 64, 2048), so an image with
         five captions is encoded once. Captions sorted by descending length let each step run only on
         the captions still going (no compute on padding). Returns logits (N, T-1, V) predicting
-        captions[:, 1:] and attention (N, T-1, 64); padded positions are zero.
+        captions[:, 1:] and attention (N, T-1, 64); padded positions are zero. `packed`: logits (K, V) of
+        the K real target tokens only, in row-major order of `captions[:, 1:] != 0` (what `caption_loss` takes).
+
+        The step is the tutorial's with the work that does not depend on the previous state hoisted out of
+        the time loop: W1·features once per batch, the embeddings and their GRU input projection for all
+        steps at once, W2·h and the GRU's W_hh·h as one matmul, and the output layers once after the loop.
         """
         encoded, projected = self.encode(features)
         if image_index is not None:
             encoded, projected = encoded[image_index], projected[image_index]  # (N, 64, E), (N, 64, U)
         N, T = captions.shape
+        E, H, U = self.config.embedding_dim, self.config.units, self.attention.W2.out_features
         lengths = (captions != 0).sum(dim=1) - 1  # steps each caption needs
-        hidden = self.init_hidden(encoded)
-        logits = encoded.new_zeros(N, T - 1, self.config.vocab_size)
-        alphas = encoded.new_zeros(N, T - 1, NUM_REGIONS)
         sorted_desc = bool((lengths[:-1] >= lengths[1:]).all()) if N > 1 else True
-        for t in range(T - 1):
-            n = int((lengths > t).sum()) if sorted_desc else N
+        steps = torch.arange(T - 1, device=captions.device)
+        running = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1) if sorted_desc else lengths.new_full((T - 1,), N)
+        running = running.tolist()  # captions still going at each step (one host sync, not one per step)
+        w_ih, b_ih = self.gru.weight_ih, self.gru.bias_ih
+        input_words = F.linear(self.embedding(captions[:, :-1]), w_ih[:, E:], b_ih)  # (N, T-1, 3H)
+        w_hidden = torch.cat([self.attention.W2.weight, self.gru.weight_hh])  # (U + 3H, H)
+        b_hidden = torch.cat([self.attention.W2.bias, self.gru.bias_hh])
+        hidden = self.init_hidden(encoded)  # (N, H)
+        states = encoded.new_zeros(N, T - 1, H)
+        alphas = encoded.new_zeros(N, T - 1, NUM_REGIONS)
+        for t, n in enumerate(running):
             if n == 0:
                 break
-            step_logits, h, alpha = self.step(captions[:n, t], hidden[:n], encoded[:n], projected[:n])
+            h = hidden[:n]
+            from_hidden = F.linear(h, w_hidden, b_hidden)  # (n, U + 3H)
+            w2h, gh = from_hidden[:, :U], from_hidden[:, U:]
+            score = self.attention.V(torch.tanh(projected[:n] + w2h.unsqueeze(1))).squeeze(-1)  # (n, 64)
+            alpha = torch.softmax(score.float(), dim=-1).to(encoded.dtype)
+            context = torch.bmm(alpha.unsqueeze(1), encoded[:n]).squeeze(1)  # (n, E)
+            gi = input_words[:n, t] + F.linear(context, w_ih[:, :E])  # (n, 3H)
+            i_r, i_z, i_n = gi.chunk(3, dim=1)
+            h_r, h_z, h_n = gh.chunk(3, dim=1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            candidate = torch.tanh(i_n + r * h_n)
+            h = candidate + z * (h - candidate)  # (n, H): nn.GRUCell's update
             hidden = torch.cat([h, hidden[n:]]) if n < N else h
-            logits[:n, t] = step_logits.to(logits.dtype)
+            states[:n, t] = h.to(states.dtype)
             alphas[:n, t] = alpha.to(alphas.dtype)
+        mask = captions[:, 1:] != 0  # (N, T-1) real targets
+        if packed:
+            return self.fc2(self.fc1(self.dropout(states[mask]))), alphas  # (K, V)
+        real = self.fc2(self.fc1(self.dropout(states[mask])))
+        logits = real.new_zeros(N, T - 1, self.config.vocab_size)
+        logits[mask] = real
         return logits, alphas
 
 
@@ -145,13 +178,19 @@ def caption_loss(
 ) -> torch.Tensor:
     """Cross-entropy over real tokens (padding masked, averaged over real tokens), plus Show, Attend and
     Tell's doubly stochastic penalty λ·mean_captions Σ_regions (1 − Σ_t α)² when `attention_penalty` > 0.
-    `weights` (N,) counts each caption that many times (identical captions decoded once)."""
+    `weights` (N,) counts each caption that many times (identical captions decoded once). `logits` are
+    (N, T-1, V), or (K, V) packed: the real targets only (`Captioner.forward(..., packed=True)`)."""
     targets = captions[:, 1:]  # (N, T-1)
-    mask = (targets != 0).float()
+    real = targets != 0
+    mask = real.float()
     if weights is not None:
         mask = mask * weights.unsqueeze(1)
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T-1)
-    loss = (ce * mask).sum() / mask.sum().clamp(min=1)
+    if logits.dim() == 2:  # packed: no compute on padding
+        ce = F.cross_entropy(logits.float(), targets[real], reduction="none")  # (K,)
+        loss = (ce * mask[real]).sum() / mask.sum().clamp(min=1)
+    else:
+        ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T-1)
+        loss = (ce * mask).sum() / mask.sum().clamp(min=1)
     if attention_penalty > 0:
         coverage = (alphas.float() * (targets != 0).unsqueeze(-1)).sum(dim=1)  # (N, 64)
         per_caption = ((1.0 - coverage) ** 2).sum(dim=1)  # (N,)

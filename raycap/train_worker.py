@@ -163,7 +163,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
     history: list[dict[str, Any]] = state["history"] if state else []
     resumed_from = state["epoch"] if state else None
-    precision = resolve_precision("auto", device, training=True)  # bf16 or fp16 on GPUs, fp32 on CPUs
+    precision = resolve_precision("auto", device)  # bf16 where native (GPUs, AVX512-BF16/AMX CPUs), else fp16/fp32
     scaler = loss_scaler(precision, device.type)
     train_features = WorkerFeatures(ray.train.get_dataset_shard("train"), s.batch_size, s.seed, int(s.cache_gb * 2**30))
     val_shard = ray.train.get_dataset_shard("val")
@@ -185,7 +185,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = s.learning_rate * lr_factor(step, s.warmup_steps, cfg.total_steps)
             with autocast(precision, device.type):
-                logits, alphas = model(feats, caps, index)
+                logits, alphas = model(feats, caps, index, packed=True)  # (K, V): real tokens only
                 loss = caption_loss(logits, alphas, caps, s.attention_penalty, weights)
             optimizer_step(model, optimizer, scaler, loss, s.grad_clip)
             step += 1

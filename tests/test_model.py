@@ -111,3 +111,38 @@ def test_beam_search_returns_the_attention_of_the_chosen_words(init_state):
         caps = torch.tensor([[START, *beam.tokens[i, :n].tolist(), END]])
         _, alphas = model(feats[i : i + 1], caps)
         torch.testing.assert_close(alphas[0, :n], beam.attention[i, :n], atol=1e-5, rtol=1e-4)
+
+
+def _reference_loss(model: Captioner, feats: torch.Tensor, caps: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The tutorial's computation: every caption its own feature copy, `step` over every time step, padding too."""
+    encoded, projected = model.encode(feats)
+    hidden = model.init_hidden(encoded)
+    logits, alphas = [], []
+    for t in range(caps.shape[1] - 1):
+        step_logits, hidden, alpha = model.step(caps[:, t], hidden, encoded, projected)
+        logits.append(step_logits)
+        alphas.append(alpha)
+    targets = caps[:, 1:]
+    alphas_t = torch.stack(alphas, 1) * (targets != 0).unsqueeze(-1)  # attention past <end> does not count
+    ce = torch.nn.functional.cross_entropy(torch.stack(logits, 1)[targets != 0], targets[targets != 0])
+    coverage = alphas_t.sum(1)
+    return ce + penalty * ((1.0 - coverage) ** 2).sum(1).mean()
+
+
+@pytest.mark.parametrize("init_state", [False, True])
+def test_hoisted_step_loss_and_gradients_equal_the_reference_per_step_computation(init_state):
+    model = _model(vocab=12, seed=7, init_state=init_state).train()
+    feats = _features(2)
+    caps = torch.tensor([[START, 5, 6, 7, 8, END], [START, 8, 9, 4, END, 0], [START, 4, END, 0, 0, 0]])
+    index = torch.tensor([1, 0, 1])
+    reference = _reference_loss(model, feats[index], caps, penalty=0.5)
+    ref_grads = torch.autograd.grad(reference, list(model.parameters()))
+    logits, alphas = model(feats, caps, index, packed=True)
+    assert logits.shape == (int((caps[:, 1:] != 0).sum()), 12)  # no logits computed for padding
+    loss = caption_loss(logits, alphas, caps, attention_penalty=0.5)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, reference)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, msg=name)
+    full, _ = model(feats, caps, index)
+    torch.testing.assert_close(caption_loss(full, alphas, caps, attention_penalty=0.5), loss)
