@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from raycap import listing, plan, schema, storage
+from raycap import listing, markers, plan, schema, storage
 
 FILES_PER_FOLDER = 1000  # leaf prefix size of the simulated listings
 
@@ -114,14 +114,14 @@ def child(n: int, workdir: str, layout: str, where: str | None) -> dict:
     plan_bytes = sum(
         os.path.getsize(os.path.join(out, schema.PLAN_DIR, f)) for f in os.listdir(os.path.join(out, schema.PLAN_DIR))
     )
-    markers = os.path.join(out, schema.SHARDS_DIR)
-    os.makedirs(markers)
+    marker_dir = os.path.join(out, schema.SHARDS_DIR)
+    os.makedirs(marker_dir)
     for part in made.parts:  # simulate a finished run: one committed marker per shard
         for k in range(part["first_shard"], part["first_shard"] + part["shards"]):
-            os.close(os.open(os.path.join(markers, plan.marker_name(k, 250, 6)), os.O_CREAT | os.O_WRONLY))
+            os.close(os.open(os.path.join(marker_dir, markers.marker_name(k, 250, 6)), os.O_CREAT | os.O_WRONLY))
     started = time.perf_counter()
     header = plan.prepare(*source(layout, 0, where), out_fs, out, None, 8, say=lambda _: None)
-    done = plan.finished_shards(out_fs, out)
+    done = markers.finished_shards(out_fs, out)
     left = plan.pending_parts(header, done)
     resume = time.perf_counter() - started
     assert not left and len(done) == made.shards

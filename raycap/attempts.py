@@ -4,7 +4,7 @@ A shard whose processing kills its worker (a segfault in a decoder, an out-of-me
 restarts the actor and retries the call. Before a model actor processes a shard it records an attempt under the
 output's `_shards/attempts/<shard>/` (on any URI, so every node sees it); a shard that already has SHARD_ATTEMPTS
 of them is not processed again but gets a failed marker `_shards/failed/<shard>.json`, and its call returns a
-marker row naming the failure. plan.finished_shards counts neither, so a rerun, which clears both first, retries
+marker row naming the failure. markers.finished_shards counts neither, so a rerun, which clears both first, retries
 exactly the shards that did not commit.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from raycap import plan, schema, storage
+from raycap import markers, schema, storage
 
 ATTEMPTS_ENV = "RAYCAP_SHARD_ATTEMPTS"
 SHARD_ATTEMPTS = int(os.environ.get(ATTEMPTS_ENV, "3"))  # tries of one shard whose worker dies before it is failed
@@ -39,11 +39,11 @@ def ray_task_retries(attempts: int = SHARD_ATTEMPTS) -> int:
 
 
 def _attempts_dir(root: str, shard: int) -> str:
-    return storage.join(root, schema.SHARDS_DIR, ATTEMPTS_DIR, plan.shard_name(shard))
+    return storage.join(root, schema.SHARDS_DIR, ATTEMPTS_DIR, markers.shard_name(shard))
 
 
 def _failed_path(root: str, shard: int) -> str:
-    return storage.join(root, schema.SHARDS_DIR, FAILED_DIR, f"{plan.shard_name(shard)}.json")
+    return storage.join(root, schema.SHARDS_DIR, FAILED_DIR, f"{markers.shard_name(shard)}.json")
 
 
 def tried(fs: Any, root: str, shard: int) -> int:
@@ -89,7 +89,7 @@ def committed(fs: Any, root: str, shard: int) -> dict[str, int] | None:
     """The commit marker of `shard` as the model stage returns it, or None (one prefix listing: a retry only)."""
     folder = storage.join(root, schema.SHARDS_DIR)
     fs.invalidate_cache(folder)
-    for path in fs.glob(storage.join(folder, f"{plan.shard_name(shard)}.rows-*.json")):
+    for path in fs.glob(storage.join(folder, f"{markers.shard_name(shard)}.rows-*.json")):
         marker = storage.read_json(fs, path)
         return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"], "bytes": marker["bytes"]}
     return None
@@ -149,7 +149,7 @@ def clear(fs: Any, root: str) -> None:
 
 def failure_line(failed: dict[int, str]) -> str:
     """One line naming each failed shard and why."""
-    shards = "; ".join(f"{plan.shard_name(k)}: {why}" for k, why in sorted(failed.items()))
+    shards = "; ".join(f"{markers.shard_name(k)}: {why}" for k, why in sorted(failed.items()))
     return (
         f"{len(failed)} shard(s) failed after {SHARD_ATTEMPTS} tries ({shards}); the other shards are committed, "
         "rerun to retry these"

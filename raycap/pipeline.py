@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raycap import attempts, plan, resources, schema, shards, sources, stages, storage
+from raycap import attempts, markers, plan, resources, schema, shards, sources, stages, storage
 from raycap.config import PipelineConfig
 from raycap.images import DEFAULT_MAX_PIXELS
 from raycap.plan import auto_shard_size  # noqa: F401 - part of this module's interface
@@ -160,7 +160,7 @@ def run(job: ShardJob, progress: Callable[[str], None] = print, progress_seconds
     source = shard_plan.spec
     if source.packed:  # the actors read a tar or Parquet file themselves, a piece at a time (no shard in the store)
         res["decode_tasks"] = False
-    done = plan.finished_shards(out_fs, out_root)
+    done = markers.finished_shards(out_fs, out_root)
     parts = plan.pending_parts(shard_plan, done)
     pending = sum(len(p["pending"]) for p in parts)
     progress(

@@ -9,8 +9,6 @@ import itertools
 import json
 import math
 import os
-import posixpath
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,16 +28,6 @@ SHARDS_PER_PART = 256  # shards per plan part; each shard is one row group of it
 UNITS = "units"  # column of the shard rows expand_parts yields: the shard's units
 UNIT, FIELDS = "unit", "fields"  # a plan part's columns beside the shard: the unit's name, its kept fields (JSON)
 _PART_SCHEMA = pa.schema([("shard", pa.int32()), (UNIT, pa.string()), (FIELDS, pa.string())])
-_MARKER = re.compile(r"^shard-(\d+)\.rows-(\d+)\.errors-(\d+)\.json$")
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:06d}"
-
-
-def marker_name(shard: int, rows: int, errors: int) -> str:
-    """A commit marker's name carries its counts, so one listing tells a rerun everything it needs."""
-    return f"{shard_name(shard)}.rows-{rows}.errors-{errors}.json"
 
 
 def auto_shard_size(images: int, actors: int, per_actor: int = 8, smallest: int = 32, largest: int = 256) -> int:
@@ -279,32 +267,6 @@ def _skipped_note(skipped: Skipped) -> str:
         return ""
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.reasons.items()))
     return f" ({why}; e.g. {', '.join(skipped.examples)})"
-
-
-def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, tuple[int, int]]:
-    """Shard number -> (rows, errors) of each committed shard, from ONE listing of the marker names.
-
-    A shard with two markers (a task retried after committing, with other counts) is dropped, and its markers
-    removed, so it is redone.
-    """
-    marker_dir = storage.join(output, schema.SHARDS_DIR)
-    exists = fs.exists(marker_dir)
-    names = [posixpath.basename(p) for p in fs.ls(marker_dir, detail=False, refresh=True)] if exists else []
-    fs.invalidate_cache(marker_dir)
-    found: dict[int, tuple[int, int]] = {}
-    twice: dict[int, list[str]] = {}
-    for name in names:
-        m = _MARKER.match(name)
-        if m is None:
-            continue
-        shard = int(m[1])
-        if shard in found or shard in twice:
-            twice.setdefault(shard, []).append(name)
-        found[shard] = (int(m[2]), int(m[3]))
-    for shard in twice:
-        fs.rm([storage.join(marker_dir, n) for n in names if n.startswith(shard_name(shard) + ".")])
-        del found[shard]
-    return found
 
 
 def pending_parts(plan: Plan, done: dict[int, tuple[int, int]]) -> list[dict[str, Any]]:

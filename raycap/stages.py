@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raycap import attempts, plan, schema, shards, sources, storage
+from raycap import attempts, markers, plan, schema, shards, sources, storage
 from raycap.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from raycap.sources import PIECE_IMAGES, SourceSpec
 
@@ -120,7 +120,7 @@ class ShardWriter:
     def __init__(self, io: ShardIO, shard: int) -> None:
         self.io, self.shard = io, shard
         self.fs, self.root = storage.filesystem(io.output, io.storage_options)
-        name = plan.shard_name(shard)
+        name = markers.shard_name(shard)
         self.rows_path = storage.join(self.root, io.rows_dir, f"{name}.parquet")
         self.errors_path = storage.join(self.root, schema.ERRORS_DIR, f"{name}.parquet")
         self.rows = 0
@@ -152,7 +152,7 @@ class ShardWriter:
         else:
             storage.remove_if_present(self.fs, self.errors_path)
         marker = {"shard": self.shard, "rows": self.rows, "errors": len(errors), "bytes": written}
-        path = storage.join(self.root, schema.SHARDS_DIR, plan.marker_name(self.shard, self.rows, len(errors)))
+        path = storage.join(self.root, schema.SHARDS_DIR, markers.marker_name(self.shard, self.rows, len(errors)))
         storage.write_json_atomic(self.fs, path, marker)
         return marker
 
@@ -192,10 +192,10 @@ class ShardModel:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        with attempts.turn(self.io.output, self.io.storage_options, batch) as (batch, markers):  # a try, or failed
-            return self._process(batch, markers)
+        with attempts.turn(self.io.output, self.io.storage_options, batch) as (batch, written):  # a try, or failed
+            return self._process(batch, written)
 
-    def _process(self, batch: pa.Table, markers: list[dict[str, Any]]) -> pa.Table:
+    def _process(self, batch: pa.Table, written: list[dict[str, Any]]) -> pa.Table:
         for shard, pieces in self._shards(batch):
             writer = ShardWriter(self.io, shard)
             try:
@@ -204,8 +204,8 @@ class ShardModel:
             except BaseException:
                 writer.abort()
                 raise
-            markers.append(writer.commit())
-        return pa.Table.from_pylist(markers)
+            written.append(writer.commit())
+        return pa.Table.from_pylist(written)
 
     def _rows(self, piece: shards.Shard) -> tuple[pa.Table | None, pa.Table]:
         """One piece's output rows (the model's, then the piece's kept fields) and its error rows."""

@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 from PIL import Image
 
-from raycap import cli, pipeline, plan, schema, session, synth
+from raycap import cli, markers, pipeline, schema, session, synth
 from tests.helpers import FullDiskModel, fsync_on_a_full_disk, mean_job, write_predictions, write_references
 
 CAPTIONS = {"a.png": ["a red circle on the left"], "b.png": ["a blue square on the top"]}
@@ -204,7 +204,7 @@ def test_a_full_disk_under_a_shard_is_one_line_naming_its_file(ray_session, tiny
     with pytest.raises(OSError) as failed:
         pipeline.run(job, progress=lambda _: None)
     assert not ray_session.data.DataContext.get_current().raise_original_map_exception  # only the job's Dataset
-    rows = out / schema.FEATURES_DIR / f"{plan.shard_name(0)}.parquet"
+    rows = out / schema.FEATURES_DIR / f"{markers.shard_name(0)}.parquet"
     assert cli._user_error(failed.value) == (
         f"disk full (No space left on device: {rows}); free space, then rerun to resume"
     )

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycap import attempts, cli, pipeline, plan, schema, storage
+from raycap import attempts, cli, markers, pipeline, schema, storage
 from tests.faults import FaultProxy, PoisonModel
 from tests.helpers import HANG_SECONDS, mean_job
 
@@ -81,7 +81,7 @@ def test_persistently_expired_credentials_end_the_job_with_one_line_and_no_marke
     assert last.startswith("raycap extract: error: cannot read s3://expired/") and "ExpiredToken" in last, last
     assert "after 2 tries" in last and "rerun" in last
     fs, root = storage.filesystem(str(out))
-    assert set(plan.finished_shards(fs, root)) == {0}  # shard 1 met the 403s: no marker, so a rerun reads it
+    assert set(markers.finished_shards(fs, root)) == {0}  # shard 1 met the 403s: no marker, so a rerun reads it
     assert not (out / schema.ERRORS_DIR).exists()
 
 
@@ -97,14 +97,14 @@ def test_a_shard_that_kills_its_worker_fails_alone_and_a_rerun_retries_only_it(r
     with pytest.raises(attempts.ShardsFailed) as raised:
         pipeline.run(job, progress=lambda line: None)
     fs, root = storage.filesystem(str(out))
-    finished = plan.finished_shards(fs, root)
+    finished = markers.finished_shards(fs, root)
     assert len(finished) == 3
     (failed,) = set(range(4)) - set(finished)
     line = cli._user_error(raised.value)
     assert line is not None and "\n" not in line
-    assert line.startswith("1 shard(s) failed") and plan.shard_name(failed) in line and "worker died" in line, line
+    assert line.startswith("1 shard(s) failed") and markers.shard_name(failed) in line and "worker died" in line, line
     assert attempts.tried(fs, root, failed) == attempts.SHARD_ATTEMPTS
-    assert (out / schema.SHARDS_DIR / attempts.FAILED_DIR / f"{plan.shard_name(failed)}.json").exists()
+    assert (out / schema.SHARDS_DIR / attempts.FAILED_DIR / f"{markers.shard_name(failed)}.json").exists()
     job.model_kwargs["poison"] = None
     manifest = pipeline.run(job, progress=lambda line: None)
     assert manifest["shards_this_run"] == 1 and (manifest["rows"], manifest["errors"]) == (40, 0)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raycap import pipeline, plan, schema, shards, stages
+from raycap import markers, pipeline, schema, shards, stages
 from tests.helpers import MeanModel
 
 
@@ -61,8 +61,8 @@ def test_read_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(
 ):
     io = _io(folder, tmp_path)
     model = MeanModel(io, batch_size=2, threads=2, decode=decode)
-    markers = model(stages.decode_shards(PLAN, io, decode) if decode_tasks else PLAN).to_pylist()
-    assert [(m["shard"], m["rows"], m["errors"]) for m in markers] == [(0, 2, 1), (1, 1, 1), (2, 0, 1)]
+    written = model(stages.decode_shards(PLAN, io, decode) if decode_tasks else PLAN).to_pylist()
+    assert [(m["shard"], m["rows"], m["errors"]) for m in written] == [(0, 2, 1), (1, 1, 1), (2, 0, 1)]
     rows = pq.read_table(tmp_path / "rows" / "shard-000000.parquet").to_pydict()
     assert rows[schema.IMAGE_ID] == ["a.jpg", "c.png"]
     assert rows[schema.WIDTH] == [64, 20]
@@ -72,7 +72,7 @@ def test_read_decode_model_write_gives_each_file_one_row_or_error_and_a_marker(
     assert errors[0]["stage"] == "read" and errors[0]["path"].endswith("gone.jpg")
     errors = pq.read_table(tmp_path / schema.ERRORS_DIR / "shard-000002.parquet").to_pylist()
     assert errors[0]["stage"] == "decode" and "not an image" in errors[0]["error"]
-    marker = json.loads((tmp_path / schema.SHARDS_DIR / plan.marker_name(0, rows=2, errors=1)).read_text())
+    marker = json.loads((tmp_path / schema.SHARDS_DIR / markers.marker_name(0, rows=2, errors=1)).read_text())
     assert marker["rows"] == 2 and marker["errors"] == 1 and marker["bytes"] > 0
 
 

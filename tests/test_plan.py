@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycap import listing, plan, progress, schema, storage
+from raycap import listing, markers, plan, progress, schema, storage
 from tests.helpers import extract
 
 
@@ -89,20 +89,20 @@ def test_plan_incremental_reruns_keep_every_file_exactly_once(tmp_path, monkeypa
 
 def test_finished_shards_come_from_one_listing_and_double_commits_are_redone(tmp_path):
     fs, root = storage.filesystem(str(tmp_path))
-    markers = tmp_path / schema.SHARDS_DIR
+    marker_dir = tmp_path / schema.SHARDS_DIR
     _touch(
-        markers,
+        marker_dir,
         [
-            plan.marker_name(0, 250, 6),
-            plan.marker_name(1, 256, 0),
-            plan.marker_name(2, 3, 1),
-            plan.marker_name(2, 4, 0),
+            markers.marker_name(0, 250, 6),
+            markers.marker_name(1, 256, 0),
+            markers.marker_name(2, 3, 1),
+            markers.marker_name(2, 4, 0),
             "shard-000003.json.1a2b.tmp",
         ],
     )
-    assert plan.finished_shards(fs, root) == {0: (250, 6), 1: (256, 0)}
-    assert sorted(os.listdir(markers))[:2] == [plan.marker_name(0, 250, 6), plan.marker_name(1, 256, 0)]
-    assert not any(n.startswith("shard-000002") for n in os.listdir(markers))
+    assert markers.finished_shards(fs, root) == {0: (250, 6), 1: (256, 0)}
+    assert sorted(os.listdir(marker_dir))[:2] == [markers.marker_name(0, 250, 6), markers.marker_name(1, 256, 0)]
+    assert not any(n.startswith("shard-000002") for n in os.listdir(marker_dir))
 
 
 def test_progress_prints_every_tenth_of_the_shards_or_interval():

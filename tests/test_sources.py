@@ -13,7 +13,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from raycap import plan, schema, stages, storage
+from raycap import markers, plan, schema, stages, storage
 from raycap.sources import SourceSpec
 from tests.helpers import MeanModel
 
@@ -78,7 +78,7 @@ def run_stage(inp: str, out: str, spec: SourceSpec, options: dict | None = None,
                         source=spec, **prepare)  # fmt: skip
     io_ = stages.ShardIO(inp, out, schema.FEATURES_DIR, options or {}, source=made.spec, piece=piece)
     model = MeanModel(io_, batch_size=4)
-    items = plan.pending_parts(made, plan.finished_shards(out_fs, out_root))
+    items = plan.pending_parts(made, markers.finished_shards(out_fs, out_root))
     for shard_row in plan.expand_parts(pa.Table.from_pylist(items), out, options or {}):
         model(shard_row)
     rows = _read_dir(out_fs, storage.join(out_root, schema.FEATURES_DIR))
