@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from unittest import mock
@@ -12,7 +13,7 @@ from unittest import mock
 import pytest
 from PIL import Image
 
-from raycap import cli, markers, pipeline, schema, session, synth
+from raycap import cli, markers, pipeline, schema, session, storage, synth
 from tests.helpers import FullDiskModel, fsync_on_a_full_disk, mean_job, write_predictions, write_references
 
 CAPTIONS = {"a.png": ["a red circle on the left"], "b.png": ["a blue square on the top"]}
@@ -204,12 +205,14 @@ def test_a_full_disk_under_a_shard_is_one_line_naming_its_file(ray_session, tiny
     with pytest.raises(OSError) as failed:
         pipeline.run(job, progress=lambda _: None)
     assert not ray_session.data.DataContext.get_current().raise_original_map_exception  # only the job's Dataset
-    rows = out / schema.FEATURES_DIR / f"{markers.shard_name(0)}.parquet"
-    assert cli._user_error(failed.value) == (
-        f"disk full (No space left on device: {rows}); free space, then rerun to resume"
+    # The first file the shard writes is its attempt marker (raycap/attempts.py), then its rows.
+    line = cli._user_error(failed.value)
+    assert re.fullmatch(
+        rf"disk full \(No space left on device: {re.escape(str(out))}/\S+\); free space, then rerun to resume", line
     )
     assert not (out / schema.FEATURES_DIR).exists() or os.listdir(out / schema.FEATURES_DIR) == []
-    assert not (out / schema.SHARDS_DIR).exists() or os.listdir(out / schema.SHARDS_DIR) == []
+    assert markers.finished_shards(*storage.filesystem(str(out))) == {}
+    assert not [p for p in out.rglob("*.tmp")]  # no temporary sibling left
 
 
 def test_an_object_store_that_cannot_spill_is_one_line(ray_session) -> None:
