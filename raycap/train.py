@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -64,6 +66,21 @@ def read_inputs(config: TrainConfig) -> Inputs:
     return Inputs(fs, features_dir, paired, train_ids, val_ids, manifest)
 
 
+def input_pin(
+    vocab: Vocabulary, captions: dict[str, list[str]], train_ids: list[str], val_ids: list[str]
+) -> dict[str, str]:
+    """Digests of what a run's checkpoints mean: the vocabulary, the split and the captions (stored in each)."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {
+        "vocabulary": digest(vocab.to_json()),
+        "split": digest([sorted(train_ids), sorted(val_ids)]),
+        "captions": digest(captions),
+    }
+
+
 def run_storage(config: TrainConfig) -> tuple[str, str, pyarrow.fs.FileSystem | None]:
     """Where Ray Train keeps runs and checkpoints: (run root URI, its path for Ray, the filesystem for Ray).
 
@@ -91,7 +108,16 @@ def run(config: TrainConfig) -> dict[str, Any]:
         vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units, init_state=config.init_state
     )
     run_root, storage_path, storage_filesystem = run_storage(config)
+    pin = input_pin(vocab, captions, train_ids, val_ids)
     resume = modeldir.latest_checkpoint(run_root, config.storage_options)
+    if resume:
+        changed = modeldir.pin_mismatch(modeldir.read_checkpoint_state(resume, config.storage_options), pin)
+        if changed:
+            raise ValueError(
+                f"--output {config.output} has checkpoints trained on other inputs ({', '.join(changed)} changed: "
+                f"an edited --captions, new features or another --split-file?); resuming would mix them: "
+                f"use a new --output, or remove {run_root} to start over"
+            )
     world = config.workers
     resources = ray.cluster_resources()
     worker_cfg = WorkerConfig(
@@ -106,6 +132,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         total_steps=math.ceil(len(train_ids) / world / config.batch_size) * config.epochs,
         threads=max(1, int(resources.get("CPU", 1)) // world),
         resume=resume,
+        pin=pin,
         storage_options=config.storage_options,
     )
     filesystem = None if storage.is_local(inputs.fs) else inputs.fs
@@ -138,8 +165,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     )
     result = trainer.fit()
     to_uri = functools.partial(storage.uri, storage.filesystem(config.output, config.storage_options)[0])
-    ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_cider", float("-inf")))
-    best = to_uri(ranked[-1][0].path) if ranked else None
+    best = modeldir.best_checkpoint(run_root, pin, config.storage_options)  # of every run, this one included
     latest = to_uri(result.checkpoint.path) if result.checkpoint else None
     best, latest = best or latest or resume, latest or best or resume
     if best is None or latest is None:

@@ -41,6 +41,7 @@ class WorkerConfig:
     total_steps: int  # optimizer steps over all epochs, for the cosine decay
     threads: int  # torch threads of a CPU worker
     resume: str | None = None  # URI of an earlier run's newest checkpoint; None: start fresh
+    pin: dict[str, str] = field(default_factory=dict)  # digests of vocabulary, split, captions (in each checkpoint)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options to read `resume`
 
 
@@ -217,9 +218,8 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             )
             sys.stdout.flush()
             with tempfile.TemporaryDirectory() as d:
-                modeldir.write_checkpoint(
-                    d, core, optimizer, {"epoch": epoch, "step": step, "history": history}, cfg.vocab_json
-                )
+                saved = {"epoch": epoch, "step": step, "history": history, "pin": cfg.pin}
+                modeldir.write_checkpoint(d, core, optimizer, saved, cfg.vocab_json)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)

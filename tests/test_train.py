@@ -259,3 +259,38 @@ def test_killed_worker_resumes_from_its_s3_checkpoint(ray_session, tiny_synth, t
     # Restarted from a checkpoint, not from scratch: the only checkpoints of this run are on S3.
     resumed = [m["resumed_from_epoch"] for m in history if "resumed_from_epoch" in m]
     assert len(resumed) == 1 and resumed[0] in (0, 1, 2)
+
+
+def test_best_checkpoint_is_chosen_among_every_run_with_the_same_inputs(tmp_path):
+    pin, other = {"vocabulary": "v", "split": "s", "captions": "c"}, {"vocabulary": "w", "split": "s", "captions": "c"}
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    for run, epoch, cider, p in [("run-a", 0, 0.9, pin), ("run-b", 1, 0.4, pin), ("run-c", 2, 2.0, other)]:
+        folder = tmp_path / run / f"checkpoint_{epoch:06d}"
+        folder.mkdir(parents=True)
+        state = {"epoch": epoch, "step": epoch, "history": [{"epoch": epoch, "val_cider": cider}], "pin": p}
+        modeldir.write_checkpoint(str(folder), model, opt, state, "{}")
+    assert modeldir.latest_checkpoint(str(tmp_path)).endswith("run-c/checkpoint_000002")
+    assert modeldir.best_checkpoint(str(tmp_path), pin).endswith("run-a/checkpoint_000000")  # an earlier run's
+    assert modeldir.pin_mismatch({"pin": other}, pin) == ["vocabulary"] and modeldir.pin_mismatch({}, pin) == list(pin)
+
+
+@pytest.mark.slow
+def test_rerun_with_edited_captions_is_refused_in_one_line(ray_session, tiny_synth, tiny_features, tmp_path, capsys):
+    coco = json.loads((tiny_synth / "captions.json").read_text())
+    args = ["--features", str(tiny_features), "--output", str(tmp_path / "model"), "--workers", "1"]
+    args += ["--batch-size", "8", "--split-file", str(tiny_synth / "splits.json")]
+    assert train_job.main([*args, "--captions", str(tiny_synth / "captions.json"), "--epochs", "1"]) == 0
+    model_before = (tmp_path / "model" / modeldir.COMMIT).read_bytes()
+    coco["annotations"][0]["caption"] = "a zebra grazing beside a lighthouse"  # new words: another vocabulary
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(coco))
+    capsys.readouterr()
+    assert train_job.main([*args, "--captions", str(edited), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vocabulary" in err[0] and "captions" in err[0] and "--output" in err[0]
+    assert (tmp_path / "model" / modeldir.COMMIT).read_bytes() == model_before  # not resumed, nothing rewritten
+    # The same inputs again resume (and the pin matches).
+    assert train_job.main([*args, "--captions", str(tiny_synth / "captions.json"), "--epochs", "2"]) == 0
+    history = [json.loads(line) for line in (tmp_path / "model" / modeldir.METRICS).read_text().splitlines()]
+    assert [m["epoch"] for m in history] == [0, 1] and history[1]["resumed_from_epoch"] == 0
