@@ -121,8 +121,9 @@ class CaptionConfig(PipelineConfig):
 @dataclass
 class TrainConfig:
     features: str  # output root of `raycap extract`
-    captions: str  # COCO captions JSON, or CSV/Parquet of (file_name or path, caption)
+    captions: str  # COCO captions JSON, CSV/Parquet of (file_name or path, caption), or an extract output folder
     output: str  # model directory to write; rerunning with the same output resumes
+    caption_column: str = "txt"  # with --captions FOLDER: the kept text column of its feature rows
     split_file: str | None = None  # splits.json with train/val file names; None: a seeded 95/5 split by image
     epochs: int = 5  # passes over the training images
     workers: int = 2  # DDP workers (one GPU each when the cluster has GPUs)

@@ -19,17 +19,48 @@ import torch
 from raycap import schema, storage
 
 
+def kept_text(location: str, column: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(image id, caption) pairs from a column kept in the feature rows of an extract output folder.
+
+    The column holds one caption per row (a string, e.g. a store's alt text) or several (a list of strings).
+    """
+    fs, root = storage.filesystem(location, storage_options)
+    folder = storage.join(root, schema.FEATURES_DIR)
+    shards = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet")) if fs.isdir(folder) else []
+    if not shards:
+        raise ValueError(f"--captions {location} is a folder without {schema.FEATURES_DIR}/*.parquet")
+    pairs: list[tuple[str, str]] = []
+    for path in shards:  # two columns a file: the features themselves are never read
+        names = pq.read_schema(path, filesystem=fs).names
+        if column not in names:
+            raise ValueError(f"--captions {location}: its feature rows have no {column!r} column (--caption-column)")
+        table = pq.read_table(path, columns=[schema.IMAGE_ID, column], filesystem=fs)
+        for image_id, text in zip(table[schema.IMAGE_ID].to_pylist(), table[column].to_pylist()):
+            for caption in text if isinstance(text, list) else [text]:
+                if caption is not None and str(caption).strip():
+                    pairs.append((image_id, str(caption)))
+    return pairs
+
+
 def load_captions(
-    location: str, max_captions: int | None = None, seed: int = 0, storage_options: dict[str, Any] | None = None
+    location: str,
+    max_captions: int | None = None,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    caption_column: str = "txt",
 ) -> dict[str, list[str]]:
-    """Captions by image id from COCO captions JSON or a CSV/Parquet table of (file_name or path, caption).
+    """Captions by image id from COCO captions JSON, a CSV/Parquet table of (file_name or path, caption), or the
+    text column `caption_column` kept in the feature rows of an extract output folder.
 
     `location` is a local path or URI. With `max_captions`, a seeded random subset of captions is kept
     (the tutorial's 30,000 of COCO).
     """
-    data = storage.read_bytes(location, storage_options, "--captions")
+    fs, path = storage.filesystem(location, storage_options)
     pairs: list[tuple[str, str]] = []
-    if location.endswith(".json"):
+    if fs.isdir(path):
+        pairs = kept_text(location, caption_column, storage_options)
+    elif location.endswith(".json"):
+        data = storage.read_bytes(location, storage_options, "--captions")
         try:
             coco = json.loads(data)
             names = {im["id"]: im["file_name"] for im in coco["images"]}
@@ -39,6 +70,7 @@ def load_captions(
         except (KeyError, TypeError) as e:
             raise ValueError(f"--captions {location} is not COCO captions JSON (missing {e})") from None
     else:
+        data = storage.read_bytes(location, storage_options, "--captions")
         try:
             table = (
                 pq.read_table(pa.BufferReader(data))

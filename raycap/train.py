@@ -47,7 +47,9 @@ def read_inputs(config: TrainConfig) -> Inputs:
     out_fs, out_path = storage.filesystem(config.output, config.storage_options)
     if type(out_fs) is type(fs) and (out_path + "/").startswith(features_root.rstrip("/") + "/"):
         raise ValueError("--output must not be inside --features")
-    captions = load_captions(config.captions, config.max_captions, config.seed, config.storage_options)
+    captions = load_captions(
+        config.captions, config.max_captions, config.seed, config.storage_options, config.caption_column
+    )
     shards = sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet"))
     # Only the image_id column is read (a column chunk per file), on any filesystem.
     available = (

@@ -294,3 +294,46 @@ def test_rerun_with_edited_captions_is_refused_in_one_line(ray_session, tiny_syn
     assert train_job.main([*args, "--captions", str(tiny_synth / "captions.json"), "--epochs", "2"]) == 0
     history = [json.loads(line) for line in (tmp_path / "model" / modeldir.METRICS).read_text().splitlines()]
     assert [m["epoch"] for m in history] == [0, 1] and history[1]["resumed_from_epoch"] == 0
+
+
+def test_captions_from_the_text_kept_in_feature_rows(tmp_path):
+    folder = tmp_path / "out" / "features"
+    folder.mkdir(parents=True)
+    rows = {"a.jpg": "a red circle", "b.jpg": "two blue squares", "c.jpg": ""}
+    for k, (image_id, text) in enumerate(rows.items()):
+        table = pa.table({"image_id": [image_id], "features": [b"\0" * 8], "txt": [text], "alt": [[text, "x"]]})
+        pq.write_table(table, folder / f"shard-{k:06d}.parquet")
+    csv = tmp_path / "c.csv"
+    csv.write_text("file_name,caption\na.jpg,a red circle\nb.jpg,two blue squares\n")
+    from_features = ingest.load_captions(str(tmp_path / "out"))
+    assert from_features == ingest.load_captions(str(csv)) == {"a.jpg": ["a red circle"], "b.jpg": ["two blue squares"]}
+    assert ingest.load_captions(str(tmp_path / "out"), caption_column="alt")["a.jpg"] == ["a red circle", "x"]
+    with pytest.raises(ValueError, match="no 'caption' column") as e:
+        ingest.load_captions(str(tmp_path / "out"), caption_column="caption")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="without features/"):
+        ingest.load_captions(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_on_the_text_kept_in_feature_rows(ray_session, tiny_synth, tiny_features, tmp_path):
+    """Same images, the captions as a kept `txt` column instead of a captions file: the same training inputs."""
+    coco = json.loads((tiny_synth / "captions.json").read_text())
+    names = {im["id"]: im["file_name"] for im in coco["images"]}
+    first: dict[str, str] = {}
+    for a in coco["annotations"]:
+        first.setdefault(names[a["image_id"]], a["caption"])
+    kept = tmp_path / "kept"
+    (kept / "features").mkdir(parents=True)
+    for shard in sorted((Path(tiny_features) / "features").glob("*.parquet")):
+        table = pq.read_table(shard)
+        text = pa.array([first.get(i) for i in table["image_id"].to_pylist()], pa.string())
+        pq.write_table(table.append_column("txt", text), kept / "features" / shard.name)
+    csv = tmp_path / "first.csv"
+    csv.write_text("file_name,caption\n" + "".join(f'{i},"{c}"\n' for i, c in first.items()))
+    assert ingest.load_captions(str(kept)) == ingest.load_captions(str(csv))
+    args = ["--features", str(kept), "--captions", str(kept), "--output", str(tmp_path / "model")]
+    assert train_job.main([*args, "--epochs", "1", "--workers", "1", "--batch-size", "8"]) == 0
+    loaded = modeldir.load_model_dir(str(tmp_path / "model"))
+    words = set(loaded.vocab.to_json().split('"'))
+    assert {w for c in first.values() for w in c.lower().replace(".", "").split()} & words
