@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -96,7 +97,7 @@ def load_captions(
 def split_images(
     image_ids: list[str], split_file: str | None, seed: int, storage_options: dict[str, Any] | None = None
 ) -> tuple[list[str], list[str]]:
-    """Train and val image ids: from splits.json (a local path or URI), or a seeded 95/5 split by image."""
+    """Train and val image ids: from splits.json (a local path or URI), or a seeded hash of each id (about 95/5)."""
     if split_file:
         try:
             splits = json.loads(storage.read_bytes(split_file, storage_options, "--split-file"))
@@ -105,10 +106,21 @@ def split_images(
             raise ValueError(f"--split-file {split_file} is not JSON with a train list ({e!r})") from None
         known = set(image_ids)
         return [i for i in train if i in known], [i for i in val if i in known]
-    ids = sorted(image_ids)
-    random.Random(seed).shuffle(ids)
-    n_val = max(1, len(ids) // 20)
-    return ids[n_val:], ids[:n_val]
+    ranked = sorted((split_hash(i, seed), i) for i in image_ids)
+    val = [i for h, i in ranked if h < VAL_FRACTION]
+    if not val and len(ranked) > 1:
+        val = [ranked[0][1]]  # a tiny set still validates on one image
+    held = set(val)
+    return sorted(i for i in image_ids if i not in held), sorted(val)
+
+
+VAL_FRACTION = 0.05  # share of images that a seeded hash of their id assigns to val
+
+
+def split_hash(image_id: str, seed: int) -> float:
+    """A stable, seeded hash of an image id in [0, 1): the split of an image never depends on the other images."""
+    digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
 
 def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int = 512) -> tuple[np.ndarray, np.ndarray]:
