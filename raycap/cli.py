@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="COCO captions JSON, CSV/Parquet (file_name, caption), or an extract output folder with kept text",
     )
+    p.add_argument("--init-from", help="model directory to fine-tune from (its vocabulary and sizes are kept)")
     p.add_argument("--caption-column", default="txt", help="with --captions FOLDER: its text column (default txt)")
     p.add_argument("--output", required=True, help="model directory; rerunning resumes from its checkpoints")
     p.add_argument("--split-file", help="splits.json with train/val file names (default: seeded 95/5)")
@@ -232,6 +233,7 @@ def _run_train(a: argparse.Namespace) -> None:
         a.output,
         split_file=a.split_file,
         caption_column=a.caption_column,
+        init_from=a.init_from,
         storage_options=parse_storage_options(a.storage_options),
         address=a.address,
         use_gpu=a.use_gpu,

@@ -123,6 +123,7 @@ class TrainConfig:
     features: str  # output root of `raycap extract`
     captions: str  # COCO captions JSON, CSV/Parquet of (file_name or path, caption), or an extract output folder
     output: str  # model directory to write; rerunning with the same output resumes
+    init_from: str | None = None  # a model directory to fine-tune (its vocabulary and sizes kept); None: fresh
     caption_column: str = "txt"  # with --captions FOLDER: the kept text column of its feature rows
     split_file: str | None = None  # splits.json with train/val file names; None: a seeded 95/5 split by image
     epochs: int = 5  # passes over the training images
@@ -164,3 +165,5 @@ class TrainConfig:
         require_exists(self.captions, "--captions", self.storage_options)
         if self.split_file:
             require_exists(self.split_file, "--split-file", self.storage_options)
+        if self.init_from:
+            require_exists(self.init_from, "--init-from", self.storage_options)

@@ -103,11 +103,16 @@ def run(config: TrainConfig) -> dict[str, Any]:
     config.validate()
     inputs = read_inputs(config)
     captions, train_ids, val_ids = inputs.captions, inputs.train_ids, inputs.val_ids
-    vocab = Vocabulary.build((c for i in train_ids for c in captions[i]), config.vocab_size)
+    source = modeldir.load_model_dir(config.init_from, config.storage_options) if config.init_from else None
+    vocab = source.vocab if source else Vocabulary.build((c for i in train_ids for c in captions[i]), config.vocab_size)
     length = config.max_caption_length + 2
     mean, std = feature_statistics(inputs.fs, inputs.features_dir, set(train_ids))
-    model_cfg = ModelConfig(
-        vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units, init_state=config.init_state
+    model_cfg = (
+        source.model.config
+        if source
+        else ModelConfig(
+            vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units, init_state=config.init_state
+        )
     )
     run_root, storage_path, storage_filesystem = run_storage(config)
     pin = input_pin(vocab, captions, train_ids, val_ids)
@@ -134,6 +139,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         total_steps=math.ceil(len(train_ids) / world / config.batch_size) * config.epochs,
         threads=max(1, int(resources.get("CPU", 1)) // world),
         resume=resume,
+        init_from=config.init_from,
         pin=pin,
         storage_options=config.storage_options,
     )
