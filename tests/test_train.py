@@ -347,3 +347,13 @@ def test_hash_split_is_stable_as_images_are_added_disjoint_and_about_5_percent()
     half_tr, half_va = ingest.split_images(ids[::2], None, seed=3)  # e.g. before an incremental extract
     assert set(half_va) == set(va) & set(ids[::2]) and set(half_tr) == set(tr) & set(ids[::2])
     assert ingest.split_images(ids, None, seed=4)[1] != va  # seeded
+
+
+@pytest.mark.slow
+def test_init_from_keeps_the_source_vocabulary(ray_session, tiny_synth, tiny_features, tmp_path):
+    args = ["--features", str(tiny_features), "--captions", str(tiny_synth / "captions.json")]
+    args += ["--epochs", "1", "--workers", "1", "--batch-size", "8", "--embedding-dim", "16", "--units", "16"]
+    assert train_job.main([*args, "--output", str(tmp_path / "source"), "--vocab-size", "12"]) == 0
+    assert train_job.main([*args, "--output", str(tmp_path / "tuned"), "--init-from", str(tmp_path / "source")]) == 0
+    source, tuned = (modeldir.load_model_dir(str(tmp_path / name)) for name in ("source", "tuned"))
+    assert tuned.vocab.to_json() == source.vocab.to_json() and len(tuned.vocab) == 12  # not rebuilt (5000)
