@@ -127,6 +127,7 @@ class TrainConfig:
     caption_column: str = "txt"  # with --captions FOLDER: the kept text column of its feature rows
     split_file: str | None = None  # splits.json with train/val file names; None: a seeded 95/5 split by image
     epochs: int = 5  # passes over the training images
+    val_images: int = 2000  # val images scored each epoch at most (a seeded sample of the val split)
     workers: int = 2  # DDP workers (one GPU each when the cluster has GPUs)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     batch_size: int = 64  # images per worker per step (each brings all its captions)
@@ -147,7 +148,7 @@ class TrainConfig:
     address: str | None = None  # Ray address; None starts an embedded local Ray
 
     def validate(self) -> None:
-        for name in ("epochs", "workers", "batch_size", "vocab_size", "max_caption_length"):
+        for name in ("epochs", "workers", "batch_size", "vocab_size", "max_caption_length", "val_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:

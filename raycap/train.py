@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,12 @@ def input_pin(
     }
 
 
+def val_sample(val_ids: list[str], images: int, seed: int) -> list[str]:
+    """At most `images` val ids, a seeded sample: validation costs the same each epoch whatever the split's size."""
+    ids = sorted(val_ids)
+    return sorted(random.Random(seed).sample(ids, images)) if len(ids) > images else ids
+
+
 def run_storage(config: TrainConfig) -> tuple[str, str, pyarrow.fs.FileSystem | None]:
     """Where Ray Train keeps runs and checkpoints: (run root URI, its path for Ray, the filesystem for Ray).
 
@@ -116,6 +123,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     )
     run_root, storage_path, storage_filesystem = run_storage(config)
     pin = input_pin(vocab, captions, train_ids, val_ids)
+    scored = val_sample(val_ids, config.val_images, config.seed)  # what rank 0 holds and scores each epoch
     resume = modeldir.latest_checkpoint(run_root, config.storage_options)
     if resume:
         changed = modeldir.pin_mismatch(modeldir.read_checkpoint_state(resume, config.storage_options), pin)
@@ -132,8 +140,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         model=model_cfg,
         vocab_json=vocab.to_json(),
         captions={i: [vocab.encode(c, length) for c in captions[i]] for i in train_ids},
-        val_captions={i: [vocab.encode(c, length) for c in captions[i]] for i in val_ids},
-        val_refs={i: captions[i] for i in val_ids},
+        val_captions={i: [vocab.encode(c, length) for c in captions[i]] for i in scored},
+        val_refs={i: captions[i] for i in scored},
         feature_mean=mean.tolist(),
         feature_std=std.tolist(),
         total_steps=math.ceil(len(train_ids) / world / config.batch_size) * config.epochs,
@@ -149,7 +157,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     )
     # Blocks of 64 images (16 MB) whatever the shard size, so the split hands both workers data early and evenly.
     train_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(train_ids)}, batch_format="pyarrow", batch_size=64)
-    val_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(val_ids)}, batch_format="pyarrow", batch_size=64)
+    val_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(scored)}, batch_format="pyarrow", batch_size=64)
     # Per node: workers must leave a node with a CPU for Ray Data's read tasks, or the ingest waits forever.
     use_gpu, worker_cpus = plan_train_workers(node_shapes(), world, config.use_gpu)
     trainer = TorchTrainer(

@@ -357,3 +357,13 @@ def test_init_from_keeps_the_source_vocabulary(ray_session, tiny_synth, tiny_fea
     assert train_job.main([*args, "--output", str(tmp_path / "tuned"), "--init-from", str(tmp_path / "source")]) == 0
     source, tuned = (modeldir.load_model_dir(str(tmp_path / name)) for name in ("source", "tuned"))
     assert tuned.vocab.to_json() == source.vocab.to_json() and len(tuned.vocab) == 12  # not rebuilt (5000)
+
+
+def test_val_sample_is_bounded_seeded_and_within_the_split():
+    small = [f"v{k}" for k in range(40)]
+    assert train.val_sample(small, 64, seed=0) == sorted(small)  # a small split is scored whole
+    for n in (1_000, 10_000):
+        split = [f"v{k}" for k in range(n)]
+        sample = train.val_sample(split, 64, seed=0)
+        assert len(sample) == 64 and set(sample) <= set(split)
+        assert sample == train.val_sample(list(reversed(split)), 64, seed=0)  # seeded, order-independent
