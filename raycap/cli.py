@@ -137,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[common], help="train the captioner with Ray Train (DDP)")
     p.add_argument("--features", required=True, help="output root of `raycap extract`")
-    p.add_argument("--captions", required=True, help="COCO captions JSON or CSV/Parquet (file_name, caption)")
+    p.add_argument(
+        "--captions",
+        required=True,
+        help="COCO captions JSON, CSV/Parquet (file_name, caption), or an extract output folder with kept text",
+    )
+    p.add_argument("--init-from", help="model directory to fine-tune from (its vocabulary and sizes are kept)")
+    p.add_argument("--caption-column", default="txt", help="with --captions FOLDER: its text column (default txt)")
     p.add_argument("--output", required=True, help="model directory; rerunning resumes from its checkpoints")
     p.add_argument("--split-file", help="splits.json with train/val file names (default: seeded 95/5)")
     defaults = TrainConfig("", "", "")
@@ -258,6 +264,8 @@ def _run_train(a: argparse.Namespace) -> None:
         a.captions,
         a.output,
         split_file=a.split_file,
+        caption_column=a.caption_column,
+        init_from=a.init_from,
         storage_options=parse_storage_options(a.storage_options),
         address=a.address,
         use_gpu=a.use_gpu,

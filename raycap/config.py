@@ -139,10 +139,13 @@ class CaptionConfig(PipelineConfig):
 @dataclass
 class TrainConfig:
     features: str  # output root of `raycap extract`
-    captions: str  # COCO captions JSON, or CSV/Parquet of (file_name or path, caption)
+    captions: str  # COCO captions JSON, CSV/Parquet of (file_name or path, caption), or an extract output folder
     output: str  # model directory to write; rerunning with the same output resumes
+    init_from: str | None = None  # a model directory to fine-tune (its vocabulary and sizes kept); None: fresh
+    caption_column: str = "txt"  # with --captions FOLDER: the kept text column of its feature rows
     split_file: str | None = None  # splits.json with train/val file names; None: a seeded 95/5 split by image
     epochs: int = 5  # passes over the training images
+    val_images: int = 2000  # val images scored each epoch at most (a seeded sample of the val split)
     workers: int = 2  # DDP workers (one GPU each when the cluster has GPUs)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     batch_size: int = 64  # images per worker per step (each brings all its captions)
@@ -163,7 +166,7 @@ class TrainConfig:
     address: str | None = None  # Ray address; None starts an embedded local Ray
 
     def validate(self) -> None:
-        for name in ("epochs", "workers", "batch_size", "vocab_size", "max_caption_length"):
+        for name in ("epochs", "workers", "batch_size", "vocab_size", "max_caption_length", "val_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -181,3 +184,5 @@ class TrainConfig:
         require_exists(self.captions, "--captions", self.storage_options)
         if self.split_file:
             require_exists(self.split_file, "--split-file", self.storage_options)
+        if self.init_from:
+            require_exists(self.init_from, "--init-from", self.storage_options)

@@ -197,19 +197,38 @@ def read_checkpoint(location: str, storage_options: dict[str, Any] | None = None
     )
 
 
-def latest_checkpoint(run_root: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """The URI of the newest complete checkpoint (highest epoch) of any run under `run_root`, on any filesystem."""
+def run_checkpoints(run_root: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Every complete checkpoint of every run under `run_root`, as (URI, state), oldest epoch first."""
     fs, root = storage.filesystem(run_root, storage_options)
     fs.invalidate_cache()  # listings cached earlier in this process would hide newer checkpoints
     found: dict[str, set[str]] = {}
     for path in fs.glob(storage.join(root, "*", "checkpoint_*", "*")):
         folder, name = path.rsplit("/", 1)
         found.setdefault(folder, set()).add(name)
-    best, best_epoch = None, -1
-    for folder, names in found.items():
-        if not set(CHECKPOINT_FILES) <= names:
-            continue  # an upload cut short: not a checkpoint
-        epoch = json.loads(fs.cat_file(storage.join(folder, STATE)))["epoch"]
-        if epoch > best_epoch:
-            best, best_epoch = storage.uri(fs, folder), epoch
-    return best
+    complete = [folder for folder, names in found.items() if set(CHECKPOINT_FILES) <= names]  # not cut short
+    states = [(storage.uri(fs, f), json.loads(fs.cat_file(storage.join(f, STATE)))) for f in sorted(complete)]
+    return sorted(states, key=lambda cs: cs[1]["epoch"])
+
+
+def latest_checkpoint(run_root: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The URI of the newest complete checkpoint (highest epoch) of any run under `run_root`, on any filesystem."""
+    found = run_checkpoints(run_root, storage_options)
+    return found[-1][0] if found else None
+
+
+def best_checkpoint(run_root: str, pin: dict[str, str], storage_options: dict[str, Any] | None = None) -> str | None:
+    """The URI of the checkpoint with the highest val CIDEr among every run under `run_root` trained with `pin`."""
+    scored = []
+    for uri, state in run_checkpoints(run_root, storage_options):
+        if state.get("pin") != pin:
+            continue  # trained on other inputs (a rerun on them is refused): never the model of these
+        epochs = [m for m in state.get("history", []) if m.get("epoch") == state["epoch"]]
+        cider = epochs[-1].get("val_cider", float("-inf")) if epochs else float("-inf")
+        scored.append((cider, state["epoch"], uri))
+    return max(scored)[2] if scored else None
+
+
+def pin_mismatch(state: dict[str, Any], pin: dict[str, str]) -> list[str]:
+    """What differs between the inputs a checkpoint was trained on (its state's pin) and `pin`: [] when they match."""
+    stored = state.get("pin") or {}
+    return [name for name in pin if stored.get(name) != pin[name]]

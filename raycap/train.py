@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +48,9 @@ def read_inputs(config: TrainConfig) -> Inputs:
     out_fs, out_path = storage.filesystem(config.output, config.storage_options)
     if type(out_fs) is type(fs) and (out_path + "/").startswith(features_root.rstrip("/") + "/"):
         raise ValueError("--output must not be inside --features")
-    captions = load_captions(config.captions, config.max_captions, config.seed, config.storage_options)
+    captions = load_captions(
+        config.captions, config.max_captions, config.seed, config.storage_options, config.caption_column
+    )
     shards = sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet"))
     # Only the image_id column is read (a column chunk per file), on any filesystem.
     available = (
@@ -62,6 +67,27 @@ def read_inputs(config: TrainConfig) -> Inputs:
     manifest_path = storage.join(features_root, schema.MANIFEST_FILE)
     manifest = storage.read_json(fs, manifest_path) if fs.exists(manifest_path) else {}
     return Inputs(fs, features_dir, paired, train_ids, val_ids, manifest)
+
+
+def input_pin(
+    vocab: Vocabulary, captions: dict[str, list[str]], train_ids: list[str], val_ids: list[str]
+) -> dict[str, str]:
+    """Digests of what a run's checkpoints mean: the vocabulary, the split and the captions (stored in each)."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {
+        "vocabulary": digest(vocab.to_json()),
+        "split": digest([sorted(train_ids), sorted(val_ids)]),
+        "captions": digest(captions),
+    }
+
+
+def val_sample(val_ids: list[str], images: int, seed: int) -> list[str]:
+    """At most `images` val ids, a seeded sample: validation costs the same each epoch whatever the split's size."""
+    ids = sorted(val_ids)
+    return sorted(random.Random(seed).sample(ids, images)) if len(ids) > images else ids
 
 
 def run_storage(config: TrainConfig) -> tuple[str, str, pyarrow.fs.FileSystem | None]:
@@ -84,14 +110,29 @@ def run(config: TrainConfig) -> dict[str, Any]:
     config.validate()
     inputs = read_inputs(config)
     captions, train_ids, val_ids = inputs.captions, inputs.train_ids, inputs.val_ids
-    vocab = Vocabulary.build((c for i in train_ids for c in captions[i]), config.vocab_size)
+    source = modeldir.load_model_dir(config.init_from, config.storage_options) if config.init_from else None
+    vocab = source.vocab if source else Vocabulary.build((c for i in train_ids for c in captions[i]), config.vocab_size)
     length = config.max_caption_length + 2
     mean, std = feature_statistics(inputs.fs, inputs.features_dir, set(train_ids))
-    model_cfg = ModelConfig(
-        vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units, init_state=config.init_state
+    model_cfg = (
+        source.model.config
+        if source
+        else ModelConfig(
+            vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units, init_state=config.init_state
+        )
     )
     run_root, storage_path, storage_filesystem = run_storage(config)
+    pin = input_pin(vocab, captions, train_ids, val_ids)
+    scored = val_sample(val_ids, config.val_images, config.seed)  # what rank 0 holds and scores each epoch
     resume = modeldir.latest_checkpoint(run_root, config.storage_options)
+    if resume:
+        changed = modeldir.pin_mismatch(modeldir.read_checkpoint_state(resume, config.storage_options), pin)
+        if changed:
+            raise ValueError(
+                f"--output {config.output} has checkpoints trained on other inputs ({', '.join(changed)} changed: "
+                f"an edited --captions, new features or another --split-file?); resuming would mix them: "
+                f"use a new --output, or remove {run_root} to start over"
+            )
     world = config.workers
     resources = ray.cluster_resources()
     worker_cfg = WorkerConfig(
@@ -99,13 +140,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
         model=model_cfg,
         vocab_json=vocab.to_json(),
         captions={i: [vocab.encode(c, length) for c in captions[i]] for i in train_ids},
-        val_captions={i: [vocab.encode(c, length) for c in captions[i]] for i in val_ids},
-        val_refs={i: captions[i] for i in val_ids},
+        val_captions={i: [vocab.encode(c, length) for c in captions[i]] for i in scored},
+        val_refs={i: captions[i] for i in scored},
         feature_mean=mean.tolist(),
         feature_std=std.tolist(),
         total_steps=math.ceil(len(train_ids) / world / config.batch_size) * config.epochs,
         threads=max(1, int(resources.get("CPU", 1)) // world),
         resume=resume,
+        init_from=config.init_from,
+        pin=pin,
         storage_options=config.storage_options,
     )
     filesystem = None if storage.is_local(inputs.fs) else inputs.fs
@@ -114,7 +157,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     )
     # Blocks of 64 images (16 MB) whatever the shard size, so the split hands both workers data early and evenly.
     train_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(train_ids)}, batch_format="pyarrow", batch_size=64)
-    val_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(val_ids)}, batch_format="pyarrow", batch_size=64)
+    val_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(scored)}, batch_format="pyarrow", batch_size=64)
     # Per node: workers must leave a node with a CPU for Ray Data's read tasks, or the ingest waits forever.
     use_gpu, worker_cpus = plan_train_workers(node_shapes(), world, config.use_gpu)
     trainer = TorchTrainer(
@@ -138,8 +181,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     )
     result = trainer.fit()
     to_uri = functools.partial(storage.uri, storage.filesystem(config.output, config.storage_options)[0])
-    ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_cider", float("-inf")))
-    best = to_uri(ranked[-1][0].path) if ranked else None
+    best = modeldir.best_checkpoint(run_root, pin, config.storage_options)  # of every run, this one included
     latest = to_uri(result.checkpoint.path) if result.checkpoint else None
     best, latest = best or latest or resume, latest or best or resume
     if best is None or latest is None:

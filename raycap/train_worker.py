@@ -41,6 +41,8 @@ class WorkerConfig:
     total_steps: int  # optimizer steps over all epochs, for the cosine decay
     threads: int  # torch threads of a CPU worker
     resume: str | None = None  # URI of an earlier run's newest checkpoint; None: start fresh
+    init_from: str | None = None  # a model directory to start from (fine-tuning) when there is no checkpoint
+    pin: dict[str, str] = field(default_factory=dict)  # digests of vocabulary, split, captions (in each checkpoint)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options to read `resume`
 
 
@@ -118,6 +120,8 @@ def build_model_and_optimizer(
     model.encoder.set_normalization(torch.tensor(cfg.feature_mean), torch.tensor(cfg.feature_std))
     if checkpoint:
         model.load_state_dict(checkpoint.weights)
+    elif cfg.init_from:  # its weights and feature normalisation; its vocabulary is the run's (see train.run)
+        model.load_state_dict(modeldir.load_model_dir(cfg.init_from, cfg.storage_options).model.state_dict())
     placed = place(model)
     core: Captioner = placed.module if hasattr(placed, "module") else placed
     optimizer = torch.optim.Adam(placed.parameters(), lr=cfg.settings.learning_rate)
@@ -217,9 +221,8 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             )
             sys.stdout.flush()
             with tempfile.TemporaryDirectory() as d:
-                modeldir.write_checkpoint(
-                    d, core, optimizer, {"epoch": epoch, "step": step, "history": history}, cfg.vocab_json
-                )
+                saved = {"epoch": epoch, "step": step, "history": history, "pin": cfg.pin}
+                modeldir.write_checkpoint(d, core, optimizer, saved, cfg.vocab_json)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)

@@ -8,6 +8,7 @@ import torch
 from raycap import modeldir
 from raycap.config import TrainConfig
 from raycap.model import Captioner, ModelConfig, caption_loss
+from raycap.text import Vocabulary
 from raycap.train_worker import WorkerConfig, build_model_and_optimizer, loss_scaler, optimizer_step
 
 MODEL = ModelConfig(vocab_size=12, feature_dim=8, embedding_dim=6, units=5)
@@ -90,3 +91,20 @@ def test_a_scaled_step_clips_the_true_gradients_and_steps_as_an_unscaled_one():
     scaled, plain = steps
     torch.testing.assert_close(plain.norm(), torch.tensor(0.1))  # the clip was active: lr 1 x norm 0.1
     torch.testing.assert_close(scaled, plain)
+
+
+def test_init_from_a_model_directory_starts_from_its_weights(tmp_path):
+    """--init-from: the loss at step 0 is the source model's, not a fresh model's; its vocabulary is kept."""
+    torch.manual_seed(7)
+    source = Captioner(MODEL)
+    source.encoder.set_normalization(torch.full((MODEL.feature_dim,), 0.1), torch.full((MODEL.feature_dim,), 3.0))
+    vocab = Vocabulary.build(["a red circle", "a blue square"])
+    modeldir.write_model_dir(str(tmp_path / "source"), source, vocab, {"encoder_weights": "random"})
+    cfg = _worker_config()
+    fresh, _, _ = build_model_and_optimizer(cfg, None, lambda m: m)
+    cfg.init_from = str(tmp_path / "source")
+    model, _, _ = build_model_and_optimizer(cfg, None, lambda m: m)
+    with torch.no_grad():
+        expected = _loss(source.eval())
+        assert float(_loss(model.eval())) == pytest.approx(float(expected), rel=1e-6)
+        assert float(_loss(fresh.eval())) != pytest.approx(float(expected), rel=1e-3)
