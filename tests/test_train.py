@@ -290,10 +290,7 @@ def test_rerun_with_edited_captions_is_refused_in_one_line(ray_session, tiny_syn
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vocabulary" in err[0] and "captions" in err[0] and "--output" in err[0]
     assert (tmp_path / "model" / modeldir.COMMIT).read_bytes() == model_before  # not resumed, nothing rewritten
-    # The same inputs again resume (and the pin matches).
-    assert train_job.main([*args, "--captions", str(tiny_synth / "captions.json"), "--epochs", "2"]) == 0
-    history = [json.loads(line) for line in (tmp_path / "model" / modeldir.METRICS).read_text().splitlines()]
-    assert [m["epoch"] for m in history] == [0, 1] and history[1]["resumed_from_epoch"] == 0
+    # (That the same inputs resume, the pin matching: test_rerun_of_the_same_command_resumes_from_s3.)
 
 
 def test_captions_from_the_text_kept_in_feature_rows(tmp_path):
