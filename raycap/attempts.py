@@ -72,27 +72,13 @@ def begin(output: str, storage_options: dict[str, Any], shard: int, attempts: in
 def admit(output: str, storage_options: dict[str, Any], batch: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
     """The rows of a model call's batch (plan rows or packed shards, each with a `shard` column) still to process,
     each with a try recorded, and the marker rows of those out of tries."""
-    fs, root = storage.filesystem(output, storage_options)
-    keep, done, failed = [], [], []
+    keep, failed = [], []
     for i, shard in enumerate(batch.column("shard").to_pylist()):
-        # A call retried after its shard committed (the worker died before Ray had its result): the marker again.
-        if tried(fs, root, shard) and (marker := committed(fs, root, shard)) is not None:
-            done.append(marker)
-        elif (reason := begin(output, storage_options, shard)) is None:
+        if (reason := begin(output, storage_options, shard)) is None:
             keep.append(i)
         else:
             failed.append({"shard": shard, "rows": 0, "errors": 0, "bytes": 0, FAILED: reason})
-    return (batch if len(keep) == len(batch) else batch.take(pa.array(keep, pa.int64()))), failed + done
-
-
-def committed(fs: Any, root: str, shard: int) -> dict[str, int] | None:
-    """The commit marker of `shard` as the model stage returns it, or None (one prefix listing: a retry only)."""
-    folder = storage.join(root, schema.SHARDS_DIR)
-    fs.invalidate_cache(folder)
-    for path in fs.glob(storage.join(folder, f"{markers.shard_name(shard)}.rows-*.json")):
-        marker = storage.read_json(fs, path)
-        return {"shard": shard, "rows": marker["rows"], "errors": marker["errors"], "bytes": marker["bytes"]}
-    return None
+    return (batch if len(keep) == len(batch) else batch.take(pa.array(keep, pa.int64()))), failed
 
 
 class _Turns:
@@ -134,7 +120,14 @@ def turn(
     fs, root = storage.filesystem(output, storage_options)
     retried = any(tried(fs, root, shard) for shard in batch.column("shard").to_pylist())
     with _TURNS.take(alone=retried):
-        yield admit(output, storage_options, batch)
+        admitted, failed = admit(output, storage_options, batch)
+        yield admitted, failed
+        # Committed: its tries are forgotten, so a call Ray retries after the commit (the worker died before Ray
+        # had the result) redoes it from a clean count, and only a shard that itself kills its worker fails.
+        for shard in admitted.column("shard").to_pylist():
+            folder = _attempts_dir(root, shard)
+            if fs.exists(folder):
+                fs.rm(folder, recursive=True)
 
 
 def clear(fs: Any, root: str) -> None:

@@ -92,7 +92,8 @@ def quiet_ray() -> None:
     for name in ("ray", "ray.data", "ray.train"):
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
-                handler.setLevel(logging.ERROR)
+                # Ray Data's ERROR records repeat the exception that reaches the driver (ray_data_logging.yaml).
+                handler.setLevel(logging.CRITICAL if name == "ray.data" else logging.ERROR)
 
 
 def plain_worker_prefixes() -> None:
