@@ -145,8 +145,11 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | p
     `path` (a full disk's does not). On S3 an object becomes visible only when its upload completes, so a
     direct put is already atomic.
     """
+    parent = posixpath.dirname(path)
     if is_local(fs):
-        tmp = temporary(path)
+        os.makedirs(parent, exist_ok=True)
+        # Hidden (a leading dot) next to the real file: pyarrow, pandas, DuckDB and Ray Data never read it.
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -161,18 +164,6 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | p
         fs.pipe_file(path, data if isinstance(data, bytes) else data.to_pybytes())
 
 
-TEMPORARIES = ".tmp"  # the hidden folder beside a file that holds its temporaries while it is written
-
-
-def temporary(path: str) -> str:
-    """A new local temporary for `path`, in a hidden folder beside it (created): pyarrow, pandas and Ray Data
-    skip hidden files and folders, and DuckDB's `folder/*` does not descend into one (a hidden temporary
-    next to the shards it would read)."""
-    folder = posixpath.join(posixpath.dirname(path), TEMPORARIES)
-    os.makedirs(folder, exist_ok=True)
-    return posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-
-
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes_atomic's temporaries
 
 
@@ -182,15 +173,12 @@ def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> int:
     if not is_local(fs) or not os.path.isdir(root):
         return 0
     removed = 0
-    for folder, _, names in os.walk(root, topdown=False):
+    for folder, _, names in os.walk(root):
         for name in names:
             if _TEMPORARY.match(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, name))
                     removed += 1
-        if posixpath.basename(folder) == TEMPORARIES:
-            with contextlib.suppress(OSError):  # not empty: a file that is not ours stays, and its folder
-                os.rmdir(folder)
     return removed
 
 
@@ -200,8 +188,10 @@ class ParquetSink:
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema, compression: str) -> None:
         self.fs, self.path = fs, path
+        parent = posixpath.dirname(path)
         if is_local(fs):
-            self.tmp: str | None = temporary(path)
+            os.makedirs(parent, exist_ok=True)
+            self.tmp: str | None = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
             self.file: Any = open(self.tmp, "wb")  # noqa: SIM115 - closed by close() or abort()
         else:
             self.tmp, self.file = None, fs.open(path, "wb")
