@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         if not a.no_extract:
-            from raycap.session import init_ray
+            import ray
 
-            init_ray(None)
+            ray.init(include_dashboard=False, log_to_driver=False)
             rates = {fmt: extract_rate(inp, os.path.join(root, f"out-{fmt}"), fmt)
                      for fmt, inp in (("files", files), ("webdataset", tars))}  # fmt: skip
             print(

@@ -16,6 +16,7 @@ from raycap.sources import IMAGE_EXTENSIONS, Piece, Sample, SourceSpec
 
 KEY = "key"  # the column every webdataset row carries: the sample's key inside its tar
 READ_AHEAD = 8 << 20  # bytes a tar's stream reads ahead of the member being unpacked
+TAR_BUFFER = 1 << 20  # bytes tarfile's stream reads at a time (its default, 10 KB, costs a Python call each)
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's convention: KEY is up to the basename's first dot
 
 
@@ -53,7 +54,10 @@ def read(
     current: dict[str, bytes] = {}
     key = None
     try:
-        with fs.open(path, "rb", block_size=READ_AHEAD) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with (
+            fs.open(path, "rb", block_size=READ_AHEAD) as f,
+            tarfile.open(fileobj=f, mode="r|", bufsize=TAR_BUFFER) as tar,
+        ):
             for member in tar:
                 if not member.isfile():
                     continue
