@@ -129,11 +129,11 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
         )
         _embedded = True
-    if _filter_wanted and not verbose() and not _stderr_filter:
-        _start_stderr_filter()
     else:
         _check_reachable(address, flag)
         ray.init(address=address, log_to_driver=True)
+    if _filter_wanted and not verbose() and not _stderr_filter:
+        _start_stderr_filter()
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

@@ -194,6 +194,12 @@ def test_only_pillow_decoding_puts_cpu_tasks_in_front_of_gpu_actors(gpus, decode
 ODD_NAMES = ["photo [1].jpg", "photo 1.jpg", "a*b.jpg", "ab.jpg", "q?.png", "q1.png", "été 100%.jpg", "#1+2.jpg"]
 
 
+def _read_files(io: stages.ShardIO, names: list[str]) -> shards.Shard:
+    """One shard of loose files read as the model stage reads it (bytes, not decoded): a single piece."""
+    (piece,) = stages.read_shard(io, 0, [{"unit": n, "fields": None} for n in names], decode=False)
+    return piece
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_every_file_name_is_read_literally_never_as_a_pattern(where, tmp_path, request):
     """fsspec's cat expands [, * and ? as glob patterns: `photo [1].jpg` read as missing, `a*b.jpg` matched
@@ -214,7 +220,7 @@ def test_every_file_name_is_read_literally_never_as_a_pattern(where, tmp_path, r
             fs.pipe_file(f"odd-names/{name}", data)
         root = "s3://odd-names"
     io = stages.ShardIO(root, str(tmp_path / "out"), "rows", options, 10_000)
-    shard = stages.read_shard(io, 0, ODD_NAMES, decode=False)
+    shard = _read_files(io, ODD_NAMES)
     assert shard.errors.num_rows == 0, shard.errors.to_pylist()
     assert shard.meta[schema.IMAGE_ID].to_pylist() == ODD_NAMES
     assert shard.meta[shards.DATA].to_pylist() == [files[n] for n in ODD_NAMES]
@@ -292,7 +298,7 @@ def test_a_local_file_that_cannot_be_read_is_its_own_error_row(tmp_path):
             (tmp_path / "locked.jpg").unlink()
             (tmp_path / "locked.jpg").mkdir()
         io = stages.ShardIO(str(tmp_path), str(tmp_path / "out"), "rows", {}, 10_000)
-        shard = stages.read_shard(io, 0, ["ok.jpg", "locked.jpg", "gone.jpg"], decode=False)
+        shard = _read_files(io, ["ok.jpg", "locked.jpg", "gone.jpg"])
     finally:
         os.chmod(tmp_path / "locked.jpg", 0o755)
     assert shard.meta[schema.IMAGE_ID].to_pylist() == ["ok.jpg"]
