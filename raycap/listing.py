@@ -1,5 +1,7 @@
-"""Streaming, deterministic listing of an input folder or prefix: paged on S3 and parallel across prefixes, sorted
-runs spilled to disk for huge local folders; no folder or prefix level is ever held whole."""
+"""Streaming, deterministic listing of an input folder or prefix, never holding a whole level in memory.
+
+Paged on S3 and parallel across prefixes; huge local folders are sorted in runs spilled to disk.
+"""
 
 from __future__ import annotations
 
