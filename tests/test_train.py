@@ -324,11 +324,7 @@ def store_models(ray_session, tiny_synth, tmp_path_factory) -> dict:
     from tests.helpers import extract
 
     root = tmp_path_factory.mktemp("store-models")
-    coco = json.loads((tiny_synth / "captions.json").read_text())
-    names = {im["id"]: im["file_name"] for im in coco["images"]}
-    first: dict[str, str] = {}
-    for a in coco["annotations"]:
-        first.setdefault(names[a["image_id"]], a["caption"])
+    first = {name: caps[0] for name, caps in ingest.load_captions(str(tiny_synth / "captions.json")).items()}
     store, ids = root / "store", {}
     store.mkdir()
     for t, start in enumerate(range(0, len(first), 20)):  # 2 tars of 20 samples
