@@ -1,4 +1,4 @@
-"""Training input: captions, the split by image, feature statistics, and each worker's batches of features."""
+"""Training input: captions (files or a store's own text), the split by image, and a batch's captions as tensors."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
@@ -123,33 +120,6 @@ def split_hash(image_id: str, seed: int) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def feature_statistics(fs, features_dir: str, train_ids: set[str], images: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of the features of (up to `images`) training images, for the encoder's input."""
-    sums, squares, count = np.zeros(schema.FEATURE_DIM), np.zeros(schema.FEATURE_DIM), 0
-    wanted = id_set(train_ids)
-    for path in sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet")):
-        table = keep_ids(pq.read_table(path, columns=[schema.IMAGE_ID, schema.FEATURES], filesystem=fs), wanted)
-        feats = schema.features_to_numpy(table[schema.FEATURES]).astype(np.float64).reshape(-1, schema.FEATURE_DIM)
-        sums += feats.sum(0)
-        squares += (feats**2).sum(0)
-        count += len(table)
-        if count >= images:
-            break
-    n = max(1, count * schema.NUM_REGIONS)
-    mean = sums / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(squares / n - mean**2, 0)).astype(np.float32)
-
-
-def id_set(ids: Iterable[str]) -> pa.Array:
-    """Image ids as an Arrow value set, built once and reused by every `keep_ids` call."""
-    return pa.array(sorted(ids), pa.string())
-
-
-def keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
-    """The rows of `batch` whose image id is in the value set `ids` (from `id_set`)."""
-    return batch.filter(pc.is_in(batch[schema.IMAGE_ID], value_set=ids))
-
-
 def _pad(seqs: list[list[int]]) -> torch.Tensor:
     out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -181,43 +151,3 @@ def caption_batch(
         torch.tensor([p[0] for p in pairs], dtype=torch.long),
         torch.tensor([p[2] for p in pairs], dtype=torch.float32),
     )
-
-
-class WorkerFeatures:
-    """One DDP worker's share of the training features, batch by batch, epoch after epoch.
-
-    Each epoch streams the worker's split of the Ray Dataset (`get_dataset_shard`) with a local shuffle, so
-    the split between workers changes from epoch to epoch. With `cache_bytes` > 0 and a share that fits,
-    the worker keeps epoch 0's share in memory and later epochs reshuffle it locally instead of reading
-    and splitting every feature file again; shares then stay fixed (as with a DistributedSampler that is
-    not reseeded). Every image is seen exactly once per epoch across the workers either way.
-    """
-
-    def __init__(self, shard: Any, batch_size: int, seed: int, cache_bytes: int) -> None:
-        self.shard, self.batch_size, self.seed, self.cache_bytes = shard, batch_size, seed, cache_bytes
-        self.cached: pa.Table | None = None  # (N rows: image_id, features) once a full epoch fitted
-
-    def batches(self, epoch: int) -> Iterator[pa.Table]:
-        if self.cached is not None:
-            order = np.random.default_rng(self.seed + epoch).permutation(len(self.cached))
-            for start in range(0, len(order), self.batch_size):  # a batch at a time: no second copy of the share
-                yield self.cached.take(order[start : start + self.batch_size])
-            return
-        kept: list[pa.Table] | None = [] if self.cache_bytes > 0 else None
-        size = 0
-        for batch in self.shard.iter_batches(
-            batch_size=self.batch_size,
-            batch_format="pyarrow",
-            prefetch_batches=4,
-            local_shuffle_buffer_size=self.batch_size * 4,
-            local_shuffle_seed=self.seed + epoch,
-        ):
-            if kept is not None:
-                size += batch.nbytes
-                if size <= self.cache_bytes:
-                    kept.append(batch)
-                else:
-                    kept = None  # too big for this worker: stream every epoch
-            yield batch
-        if kept:
-            self.cached = pa.concat_tables(kept).combine_chunks()  # one copy in this worker's own memory

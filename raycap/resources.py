@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 SIDE_TASK_CPUS = 0.25  # the least room some node keeps beside GPU actors for a decode task
 GPU_DECODE_CPUS = 1.0  # a decode task in front of GPU actors: one per core (see plan_actors)
-READ_CPUS = 1.0  # Ray Data's default for a read/map task (train's feature ingest)
 ACTOR_MEMORY = 1 << 30  # host memory an InceptionV3 actor needs (weights, activations at batch 16, runtime)
 STALL_SECONDS = 300.0  # default watchdog: no progress this long while Ray reports unplaceable demands
 STALL_SECONDS_AUTOSCALING = 1200.0  # with an autoscaler, new nodes (GPU images) take minutes to join
@@ -188,8 +187,8 @@ def plan_actors(
 
 
 def plan_train_workers(shapes: list[NodeShape], world: int, use_gpu: bool | None) -> tuple[bool, float]:
-    """(use_gpu, CPUs per worker) for `world` DDP workers that Ray Train packs onto these nodes, leaving
-    a node with a whole CPU for the feature ingest's read tasks; Unschedulable if no choice fits."""
+    """(use_gpu, CPUs per worker) for `world` DDP workers that Ray Train packs onto these nodes (each worker reads
+    its own feature pieces: no other task needs a CPU); Unschedulable if no choice fits."""
     gpu_slots = sum(s.count * math.floor(s.gpus + 1e-9) for s in shapes if s.cpus >= 0.25)
     if use_gpu is None:
         use_gpu = gpu_slots >= world
@@ -200,13 +199,11 @@ def plan_train_workers(shapes: list[NodeShape], world: int, use_gpu: bool | None
     for cpus in (1.0, 0.5, 0.25):
         if _packs(shapes, world, cpus, 1.0 if use_gpu else 0.0):
             return use_gpu, cpus
-    raise Unschedulable(
-        f"--workers {world} do not fit these nodes with a CPU left for reading features: {describe(shapes)}"
-    )
+    raise Unschedulable(f"--workers {world} do not fit these nodes: {describe(shapes)}")
 
 
 def _packs(shapes: list[NodeShape], world: int, cpus: float, gpus: float) -> bool:
-    """Whether `world` workers placed largest-node-first (Ray Train's PACK) leave some node READ_CPUS free."""
+    """Whether `world` workers of `cpus` and `gpus` each fit placed largest-node-first (Ray Train's PACK)."""
     free = [[s.cpus, s.gpus] for s in shapes for _ in range(min(s.count, world + 1))]
     free.sort(key=lambda f: -f[0])
     for _ in range(world):
@@ -215,7 +212,7 @@ def _packs(shapes: list[NodeShape], world: int, cpus: float, gpus: float) -> boo
             return False
         node[0] -= cpus
         node[1] -= gpus
-    return any(f[0] >= READ_CPUS - 1e-9 for f in free)
+    return True
 
 
 def pending_demands() -> list[str]:

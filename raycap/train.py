@@ -12,16 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs
-import pyarrow.parquet as pq
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from raycap import modeldir, schema, storage
 from raycap.config import TrainConfig, verbose
-from raycap.ingest import feature_statistics, id_set, keep_ids, load_captions, split_images
+from raycap.ingest import load_captions, split_images
 from raycap.model import Captioner, ModelConfig
+from raycap.pieces import Piece, RowGroup, feature_statistics, plan_pieces, row_groups
 from raycap.resources import node_shapes, plan_train_workers
 from raycap.text import Vocabulary
 from raycap.train_worker import WorkerConfig, train_loop_per_worker
@@ -35,6 +36,7 @@ class Inputs:
 
     fs: fsspec.AbstractFileSystem  # the features' filesystem
     features_dir: str  # path of the feature shards inside `fs`
+    groups: list[RowGroup]  # every row group of the feature shards, with its image ids
     captions: dict[str, list[str]]  # image id -> its captions (only images that have features)
     train_ids: list[str]
     val_ids: list[str]
@@ -51,13 +53,8 @@ def read_inputs(config: TrainConfig) -> Inputs:
     captions = load_captions(
         config.captions, config.max_captions, config.seed, config.storage_options, config.caption_column
     )
-    shards = sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet"))
-    # Only the image_id column is read (a column chunk per file), on any filesystem.
-    available = (
-        set(pq.ParquetDataset(shards, filesystem=fs).read(columns=[schema.IMAGE_ID])[schema.IMAGE_ID].to_pylist())
-        if shards
-        else set()
-    )
+    groups = row_groups(fs, features_dir)  # only the image_id column is read, a column chunk per row group
+    available = {i for g in groups for i in g.ids}
     paired = {i: c for i, c in captions.items() if i in available}
     if not paired:
         raise ValueError(f"no image in --captions has features in {config.features} (ids must match file names)")
@@ -66,7 +63,7 @@ def read_inputs(config: TrainConfig) -> Inputs:
         raise ValueError("the training split is empty")
     manifest_path = storage.join(features_root, schema.MANIFEST_FILE)
     manifest = storage.read_json(fs, manifest_path) if fs.exists(manifest_path) else {}
-    return Inputs(fs, features_dir, paired, train_ids, val_ids, manifest)
+    return Inputs(fs, features_dir, groups, paired, train_ids, val_ids, manifest)
 
 
 def input_pin(
@@ -88,6 +85,12 @@ def val_sample(val_ids: list[str], images: int, seed: int) -> list[str]:
     """At most `images` val ids, a seeded sample: validation costs the same each epoch whatever the split's size."""
     ids = sorted(val_ids)
     return sorted(random.Random(seed).sample(ids, images)) if len(ids) > images else ids
+
+
+def val_pieces(groups: list[RowGroup], scored: list[str]) -> list[Piece]:
+    """The row groups that hold the images validation scores: rank 0 reads only these, once."""
+    wanted = set(scored)
+    return [Piece(g.path, g.index, 0, len(g.ids)) for g in groups if wanted.intersection(g.ids)]
 
 
 def run_storage(config: TrainConfig) -> tuple[str, str, pyarrow.fs.FileSystem | None]:
@@ -113,7 +116,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     source = modeldir.load_model_dir(config.init_from, config.storage_options) if config.init_from else None
     vocab = source.vocab if source else Vocabulary.build((c for i in train_ids for c in captions[i]), config.vocab_size)
     length = config.max_caption_length + 2
-    mean, std = feature_statistics(inputs.fs, inputs.features_dir, set(train_ids))
+    world = config.workers
+    pieces = plan_pieces(inputs.groups, world)
+    train_set = pa.array(sorted(train_ids), pa.string())
+    mean, std = feature_statistics(inputs.fs, pieces, train_set, config.seed)
     model_cfg = (
         source.model.config
         if source
@@ -133,7 +139,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 f"an edited --captions, new features or another --split-file?); resuming would mix them: "
                 f"use a new --output, or remove {run_root} to start over"
             )
-    world = config.workers
     resources = ray.cluster_resources()
     worker_cfg = WorkerConfig(
         settings=config,
@@ -150,15 +155,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
         init_from=config.init_from,
         pin=pin,
         storage_options=config.storage_options,
+        pieces=pieces,
+        val_pieces=val_pieces(inputs.groups, scored),
     )
-    filesystem = None if storage.is_local(inputs.fs) else inputs.fs
-    base = ray.data.read_parquet(inputs.features_dir, filesystem=filesystem).select_columns(
-        [schema.IMAGE_ID, schema.FEATURES]
-    )
-    # Blocks of 64 images (16 MB) whatever the shard size, so the split hands both workers data early and evenly.
-    train_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(train_ids)}, batch_format="pyarrow", batch_size=64)
-    val_ds = base.map_batches(keep_ids, fn_kwargs={"ids": id_set(scored)}, batch_format="pyarrow", batch_size=64)
-    # Per node: workers must leave a node with a CPU for Ray Data's read tasks, or the ingest waits forever.
     use_gpu, worker_cpus = plan_train_workers(node_shapes(), world, config.use_gpu)
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, worker_cfg),
@@ -176,8 +175,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "ERROR"),  # see cli.quiet_ray
         ),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     to_uri = functools.partial(storage.uri, storage.filesystem(config.output, config.storage_options)[0])

@@ -17,12 +17,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raycap import modeldir, schema
+from raycap import modeldir, schema, storage
 from raycap.config import TrainConfig
 from raycap.encoder import autocast, resolve_precision
-from raycap.ingest import WorkerFeatures, caption_batch
+from raycap.ingest import caption_batch
 from raycap.metrics import caption_scores
 from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
+from raycap.pieces import Piece, WorkerFeatures, keep_ids, read_piece
 from raycap.text import Vocabulary
 
 
@@ -43,7 +44,9 @@ class WorkerConfig:
     resume: str | None = None  # URI of an earlier run's newest checkpoint; None: start fresh
     init_from: str | None = None  # a model directory to start from (fine-tuning) when there is no checkpoint
     pin: dict[str, str] = field(default_factory=dict)  # digests of vocabulary, split, captions (in each checkpoint)
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options to read `resume`
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for features and `resume`
+    pieces: list[Piece] = field(default_factory=list)  # the feature shards' pieces, dealt out afresh each epoch
+    val_pieces: list[Piece] = field(default_factory=list)  # the row groups holding the scored val images
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -88,6 +91,23 @@ def validate(
         scores = caption_scores({k: refs[k] for k in res}, res, java=False)
         metrics.update({"val_bleu4": scores["BLEU-4"], "val_cider": scores["CIDEr"]})
     return metrics
+
+
+def read_val(cfg: WorkerConfig, fs: Any) -> list[pa.Table]:
+    """The scored val images' features in batches of 64, read once by rank 0 (at most --val-images of them)."""
+    scored = pa.array(sorted(cfg.val_refs), pa.string())
+    rows = [keep_ids(read_piece(fs, p, [schema.IMAGE_ID, schema.FEATURES]), scored) for p in cfg.val_pieces]
+    table = pa.concat_tables(rows) if rows else None
+    return [] if table is None else [table.slice(i, 64) for i in range(0, len(table), 64)]
+
+
+def more_batches(have: bool, world: int, device: torch.device) -> bool:
+    """Whether every worker still has a batch: DDP needs the same number of steps on each (they stop together)."""
+    if world == 1:
+        return have
+    flag = torch.tensor([1 if have else 0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _checkpoint(cfg: WorkerConfig) -> modeldir.TrainingCheckpoint | None:
@@ -169,9 +189,13 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     resumed_from = state["epoch"] if state else None
     precision = resolve_precision("auto", device)  # bf16 where native (GPUs, AVX512-BF16/AMX CPUs), else fp16/fp32
     scaler = loss_scaler(precision, device.type)
-    train_features = WorkerFeatures(ray.train.get_dataset_shard("train"), s.batch_size, s.seed, int(s.cache_gb * 2**30))
-    val_shard = ray.train.get_dataset_shard("val")
-    val_batches: list[pa.Table] | None = None  # the val split is small: read once, kept by rank 0
+    world = ctx.get_world_size()
+    fs, _ = storage.filesystem(s.features, cfg.storage_options)
+    train_ids = pa.array(sorted(cfg.captions), pa.string())  # the training side: images with train captions
+    train_features = WorkerFeatures(
+        fs, cfg.pieces, lambda t: keep_ids(t, train_ids), rank, world, s.batch_size, s.seed, int(s.cache_gb * 2**30)
+    )
+    val_batches: list[pa.Table] | None = None  # at most --val-images images: read once, kept by rank 0
     run_started = time.time()  # for the ETA: the mean epoch of this run (validation included) times epochs left
     for epoch in range(start_epoch, s.epochs):
         model.train()
@@ -181,7 +205,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             t = time.time()
             batch = next(batches_iter, None)
             waited += time.time() - t
-            if batch is None:
+            if not more_batches(batch is not None, world, device):
                 break
             rows, caps, index, weights = caption_batch(batch[schema.IMAGE_ID].to_pylist(), cfg.captions)
             feats = _features(batch, device)[rows.to(device)]  # (M, 64, 2048)
@@ -200,14 +224,14 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             "epoch": epoch,
             "step": step,
             "train_loss": loss_sum / max(1, batches),
-            "samples_per_second": samples * ctx.get_world_size() / (time.time() - started),
+            "samples_per_second": samples * world / (time.time() - started),
             "input_wait_fraction": waited / max(1e-9, time.time() - started),
         }
         if resumed_from is not None:
             metrics["resumed_from_epoch"], resumed_from = resumed_from, None
         if rank == 0:
             if val_batches is None:
-                val_batches = list(val_shard.iter_batches(batch_size=64, batch_format="pyarrow"))
+                val_batches = read_val(cfg, fs)
             metrics.update(validate(core, val_batches, cfg.val_captions, cfg.val_refs, vocab, device))
             metrics["epoch_seconds"] = time.time() - started
             per_epoch = (time.time() - run_started) / (epoch - start_epoch + 1)

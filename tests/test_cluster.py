@@ -204,7 +204,7 @@ def test_job_submit_with_token_auth(s3_images, tmp_path):
             "start",
             "--head",
             "--num-cpus",
-            "2",  # room for train's 2 DDP workers (0.5 CPU each) and a CPU for reading features
+            "2",  # room for train's 2 DDP workers (a CPU each)
             "--port",
             "6391",
             "--dashboard-port",

@@ -97,9 +97,10 @@ def test_a_job_no_node_can_run_is_one_line_naming_what_is_missing(shapes, gpus_p
 
 
 def test_training_workers_pack_and_leave_a_cpu_for_reading():
-    assert plan_train_workers([NodeShape(2, 0, 8 * GIB)], 2, None) == (False, 0.5)
+    assert plan_train_workers([NodeShape(2, 0, 8 * GIB)], 2, None) == (False, 1.0)
+    assert plan_train_workers([NodeShape(1, 0, 8 * GIB)], 2, None) == (False, 0.5)
     assert plan_train_workers([NodeShape(2, 0, 8 * GIB)], 1, None) == (False, 1.0)
-    assert plan_train_workers(SHAPES["0-CPU head + two 1-CPU workers"], 2, None) == (False, 0.5)
+    assert plan_train_workers(SHAPES["0-CPU head + two 1-CPU workers"], 2, None) == (False, 1.0)
     assert plan_train_workers(SHAPES["GPU workers with 4 vCPUs"], 2, None) == (True, 1.0)
     with pytest.raises(Unschedulable, match="needs 2 nodes' GPUs"):
         plan_train_workers(SHAPES["GPU workers with 4 vCPUs"][:1] + [NodeShape(4, 1, GIB)], 2, True)
