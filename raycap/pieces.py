@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycap import schema
@@ -83,13 +82,16 @@ def read_piece(fs: fsspec.AbstractFileSystem, piece: Piece, columns: list[str]) 
     return group.slice(piece.start, piece.rows)
 
 
-def keep_ids(table: pa.Table, ids: pa.Array) -> pa.Table:
-    """The rows whose image id is in `ids` (an Arrow value set)."""
-    return table.filter(pc.is_in(table[schema.IMAGE_ID], value_set=ids))
+def keep_ids(table: pa.Table, ids: Container[str]) -> pa.Table:
+    """The rows whose image id is in `ids` (a set or dict the caller holds anyway).
+
+    A lookup per row: Arrow's `is_in` would rebuild its hash table of every id on each call, once a piece.
+    """
+    return table.filter(pa.array([i in ids for i in table[schema.IMAGE_ID].to_pylist()], pa.bool_()))
 
 
 def feature_statistics(
-    fs: fsspec.AbstractFileSystem, pieces: list[Piece], train_ids: pa.Array, seed: int, images: int = 512
+    fs: fsspec.AbstractFileSystem, pieces: list[Piece], train_ids: Container[str], seed: int, images: int = 512
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the features of (up to `images`) training images, from pieces drawn at
     random across the whole input (a store ordered by source or day would bias its first files)."""

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import pyarrow as pa
 import pyarrow.fs
 import ray
 import ray.train
@@ -118,8 +117,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     length = config.max_caption_length + 2
     world = config.workers
     pieces = plan_pieces(inputs.groups, world)
-    train_set = pa.array(sorted(train_ids), pa.string())
-    mean, std = feature_statistics(inputs.fs, pieces, train_set, config.seed)
+    mean, std = feature_statistics(inputs.fs, pieces, set(train_ids), config.seed)
     model_cfg = (
         source.model.config
         if source

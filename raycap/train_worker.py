@@ -95,8 +95,7 @@ def validate(
 
 def read_val(cfg: WorkerConfig, fs: Any) -> list[pa.Table]:
     """The scored val images' features in batches of 64, read once by rank 0 (at most --val-images of them)."""
-    scored = pa.array(sorted(cfg.val_refs), pa.string())
-    rows = [keep_ids(read_piece(fs, p, [schema.IMAGE_ID, schema.FEATURES]), scored) for p in cfg.val_pieces]
+    rows = [keep_ids(read_piece(fs, p, [schema.IMAGE_ID, schema.FEATURES]), cfg.val_refs) for p in cfg.val_pieces]
     table = pa.concat_tables(rows) if rows else None
     return [] if table is None else [table.slice(i, 64) for i in range(0, len(table), 64)]
 
@@ -191,9 +190,8 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     scaler = loss_scaler(precision, device.type)
     world = ctx.get_world_size()
     fs, _ = storage.filesystem(s.features, cfg.storage_options)
-    train_ids = pa.array(sorted(cfg.captions), pa.string())  # the training side: images with train captions
-    train_features = WorkerFeatures(
-        fs, cfg.pieces, lambda t: keep_ids(t, train_ids), rank, world, s.batch_size, s.seed, int(s.cache_gb * 2**30)
+    train_features = WorkerFeatures(  # the training side: images with train captions
+        fs, cfg.pieces, lambda t: keep_ids(t, cfg.captions), rank, world, s.batch_size, s.seed, int(s.cache_gb * 2**30)
     )
     val_batches: list[pa.Table] | None = None  # at most --val-images images: read once, kept by rank 0
     run_started = time.time()  # for the ETA: the mean epoch of this run (validation included) times epochs left
