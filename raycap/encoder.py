@@ -11,11 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
-from torch.fx.experimental.optimization import fuse
 
 from raycap import storage
 from raycap.config import PRECISIONS
@@ -113,6 +111,8 @@ class EncoderWeights:
 
 def _skeleton(init: bool = True) -> nn.Module:
     """torchvision's InceptionV3; `init`: its seeded random initialisation, else uninitialised (to be loaded)."""
+    import torchvision  # here, not at the top: the training workers use this module's precision helpers only
+
     if not init:
         return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
     gen_state = torch.random.get_rng_state()
@@ -135,6 +135,8 @@ def resolve_weights(spec: str, storage_options: dict[str, Any] | None = None) ->
         return EncoderWeights(spec, save_safetensors({k: v.contiguous() for k, v in trunk.state_dict().items()}))
     if spec == "imagenet":
         try:
+            import torchvision
+
             with redirect_stdout(io.StringIO()):  # torch.hub's "Downloading ..." line: the outcome speaks for itself
                 state = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as e:  # noqa: BLE001 - any download failure is one user-facing message
@@ -228,6 +230,8 @@ class FeatureExtractor:
             weights = resolve_weights(weights)
         trunk = _inception_trunk(weights)
         # Fold each BatchNorm into its convolution: exact in eval mode, and one pass less over each activation.
+        from torch.fx.experimental.optimization import fuse
+
         trunk = fuse(trunk.eval()).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.trunk = trunk.to(memory_format=self.memory_format)  # channels_last: oneDNN's and cuDNN's fast layout

@@ -16,6 +16,7 @@ import torch
 
 from jobs import train as train_job
 from raycap import ingest, modeldir, schema, train, train_worker
+from raycap.config import TrainConfig
 from raycap.model import Captioner, ModelConfig
 from raycap.text import Vocabulary
 
@@ -290,8 +291,8 @@ def test_val_sample_is_bounded_seeded_and_within_the_split():
 @pytest.fixture(scope="module")
 def store_models(ray_session, tiny_synth, tmp_path_factory) -> dict:
     """The synthetic benchmark written as a WebDataset store in img2dataset's layout (each image's first caption
-    its `.txt` member), extracted with --keep-columns txt, then trained twice on the same recipe: once from the
-    text kept in the feature rows (`--captions FEATURES_DIR`), once from a captions file holding that text."""
+    its `.txt` member), extracted with --keep-columns txt, then trained on the text kept in the feature rows
+    (`--captions FEATURES_DIR`); also a captions file holding that text."""
     import webdataset as wds
 
     from tests.helpers import extract
@@ -311,11 +312,9 @@ def store_models(ray_session, tiny_synth, tmp_path_factory) -> dict:
     csv = root / "captions.csv"
     csv.write_text("file_name,caption\n" + "".join(f'{i},"{first[n]}"\n' for i, n in ids.items()))
     recipe = ["--features", str(features), *STORE_RECIPE]
-    models = {}
-    for name, captions in (("kept", str(features)), ("file", str(csv))):
-        models[name] = str(root / f"model-{name}")
-        assert train_job.main([*recipe, "--captions", captions, "--output", models[name]]) == 0
-    return {"features": str(features), "csv": csv, "ids": ids, "first": first, "recipe": recipe, **models}
+    model = str(root / "model")
+    assert train_job.main([*recipe, "--captions", str(features), "--output", model]) == 0
+    return {"features": str(features), "csv": csv, "ids": ids, "first": first, "recipe": recipe, "model": model}
 
 
 STORE_RECIPE = ["--epochs", "8", "--workers", "1", "--batch-size", "8", "--cache-gb", "1", "--seed", "3"]
@@ -342,21 +341,31 @@ def _object_accuracy(model_dir: str, features: str, objects: dict[str, list], id
 
 @pytest.mark.slow
 def test_train_on_a_stores_own_text_learns_as_well_as_from_a_captions_file(store_models, tiny_synth):
-    """`train --captions FEATURES_DIR` reads the same captions as the captions file, and reaches its object
-    accuracy (within 0.05) on the same images."""
+    """`train --captions FEATURES_DIR` learns to name objects from the store's own text, and its run is the run a
+    captions file holding that text gives: the same captions, split and vocabulary (the pin a checkpoint stores),
+    so the same seeded training. (Trained once: a second, identical training would cost a minute of the suite.)"""
     ids, first = store_models["ids"], store_models["first"]
     expected = {i: [first[n]] for i, n in ids.items()}
     assert ingest.load_captions(store_models["features"]) == ingest.load_captions(str(store_models["csv"])) == expected
+    pins = []
+    for captions in (store_models["features"], str(store_models["csv"])):
+        config = TrainConfig(store_models["features"], captions, store_models["model"] + "-pin", seed=3)
+        inputs = train.read_inputs(config)
+        vocab = Vocabulary.build((c for i in inputs.train_ids for c in inputs.captions[i]), config.vocab_size)
+        pins.append(train.input_pin(vocab, inputs.captions, inputs.train_ids, inputs.val_ids))
+    assert (
+        pins[0]
+        == pins[1]
+        == modeldir.read_checkpoint_state(modeldir.latest_checkpoint(store_models["model"] + train.RUNS_SUFFIX))["pin"]
+    )
     objects = json.loads((tiny_synth / "objects.json").read_text())
-    accuracy = {name: _object_accuracy(store_models[name], store_models["features"], objects, ids)
-                for name in ("kept", "file")}  # fmt: skip
-    assert accuracy["kept"] > 0.0, accuracy  # it learned to name objects from the store's own text
-    assert abs(accuracy["kept"] - accuracy["file"]) <= 0.05, accuracy
+    accuracy = _object_accuracy(store_models["model"], store_models["features"], objects, ids)
+    assert accuracy > 0.0  # it learned to name objects from the store's own text
 
 
 @pytest.mark.slow
 def test_rerun_with_edited_captions_is_refused_in_one_line(store_models, tmp_path, capsys):
-    model = Path(store_models["file"])
+    model = Path(store_models["model"])
     model_before = (model / modeldir.COMMIT).read_bytes()
     edited = tmp_path / "edited.csv"
     lines = store_models["csv"].read_text().splitlines()
@@ -380,9 +389,9 @@ def test_init_from_keeps_the_source_vocabulary(store_models, tiny_synth, tmp_pat
         f'{i},"{c}"\n' for i, name in store_models["ids"].items() for c in by_name[name]))  # fmt: skip
     captions = str(five)
     rebuilt = Vocabulary.build(c for caps in ingest.load_captions(captions).values() for c in caps)
-    source = modeldir.load_model_dir(store_models["file"])
+    source = modeldir.load_model_dir(store_models["model"])
     assert rebuilt.to_json() != source.vocab.to_json()  # what a rebuilt vocabulary would have been
     args = ["--features", store_models["features"], "--captions", captions, "--epochs", "1", "--workers", "1"]
-    assert train_job.main([*args, "--output", str(tmp_path / "tuned"), "--init-from", store_models["file"]]) == 0
+    assert train_job.main([*args, "--output", str(tmp_path / "tuned"), "--init-from", store_models["model"]]) == 0
     tuned = modeldir.load_model_dir(str(tmp_path / "tuned"))
     assert tuned.vocab.to_json() == source.vocab.to_json()
