@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections import OrderedDict
@@ -123,16 +124,22 @@ def _skeleton(init: bool = True) -> nn.Module:
         torch.random.set_rng_state(gen_state)
 
 
+@functools.cache
+def _random_weights() -> EncoderWeights:
+    """The seeded, calibrated random trunk (3-4 s of CPU), built once per process and shipped like any other
+    weights: no actor repeats the work, nor does a second job in the same process (a test session, a notebook)."""
+    trunk = _trunk_of(_skeleton())
+    _calibrate_random(trunk)
+    return EncoderWeights("random", save_safetensors({k: v.contiguous() for k, v in trunk.state_dict().items()}))
+
+
 def resolve_weights(spec: str, storage_options: dict[str, Any] | None = None) -> EncoderWeights:
     """`--encoder-weights` (imagenet | random | a local path or any URI, e.g. s3://) -> the trunk's tensors.
 
     Every failure is one ValueError line naming what to pass instead.
     """
     if spec == "random":
-        # Built and calibrated once, here, and shipped like any other weights: no actor repeats the work.
-        trunk = _trunk_of(_skeleton())
-        _calibrate_random(trunk)
-        return EncoderWeights(spec, save_safetensors({k: v.contiguous() for k, v in trunk.state_dict().items()}))
+        return _random_weights()
     if spec == "imagenet":
         try:
             import torchvision
