@@ -15,6 +15,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from raycap.train import CONTROLLER_POLL_ENV, CONTROLLER_POLL_S
+
 _spec = importlib.util.spec_from_file_location("gpu_bundle", Path(__file__).parent.parent / "bench" / "gpu_bundle.py")
 gpu_bundle = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_bundle)
@@ -103,7 +105,8 @@ def test_a_fresh_interpreter_with_only_the_bundle_runs_ray_data_and_a_torch_trai
     # A venv without pip and without the system's packages: the GPU machine's interpreter, with nothing installed.
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RAY_ADDRESS", "VIRTUAL_ENV"))}
-    env |= {"PYTHONPATH": f"{bundle}{os.pathsep}{machine}", "PYTHONNOUSERSITE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {"PYTHONPATH": f"{bundle}{os.pathsep}{machine}", "PYTHONNOUSERSITE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+            CONTROLLER_POLL_ENV: CONTROLLER_POLL_S}  # fmt: skip
     done = subprocess.run(
         [str(tmp_path / "env" / "bin" / "python"), "-c", CHECK, str(bundle), str(machine), str(tmp_path / "runs")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
