@@ -29,6 +29,8 @@ from PIL import Image
 from raycap import pipeline, schema, synth
 from raycap.encoder import FeatureExtractor, _inception_trunk, cpu_description, preprocess
 
+SMALL_JOB = 16  # images of the smallest command timed: almost all of it is fixed cost
+
 
 def plain_loop(paths: list[str], batch_size: int = 32) -> tuple[float, float]:
     """The tutorial's way: decode + resize with PIL one by one, InceptionV3 in NCHW fp32, batch 32."""
@@ -101,6 +103,17 @@ def subset(images: str, count: int) -> str:
     return short
 
 
+def bare_imports(repeats: int = 3) -> float:
+    """Median wall seconds of a fresh interpreter importing what every command needs: the floor of a fixed cost."""
+    code = "import torch, torchvision, ray, ray.data"
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
 def encodings(rows: int = 256, repeats: int = 3) -> dict[str, tuple[float, float]]:
     """Write and read MB/s of one shard of float16 features under candidate Arrow types."""
     feats = np.abs(np.random.default_rng(0).standard_normal((rows, 64, 2048))).astype(np.float16)
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     # A quarter of the images, then all: the difference is the steady state, every fixed cost (Ray's start,
     # the weights, actors starting, the last shards, exit) cancelled out.
     short = raycap_extract(subset(images, args.images // 4), out + "-short")
+    tiny = raycap_extract(subset(images, SMALL_JOB), out + "-tiny")
+    imports = bare_imports()
     steady = (whole["images"] - short["images"]) / (whole["seconds"] - short["seconds"])
     steady_cpu = (whole["cpu"] - short["cpu"]) / (whole["images"] - short["images"])
     ours, ours_cpu, manifest = whole["images"] / whole["seconds"], whole["cpu"] / whole["images"], whole["manifest"]
@@ -168,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         f"raycap extract steady state ({short['images']} then {whole['images']} images, the difference): "
         f"{steady:.2f} images/s, {steady_cpu:.3f} CPU s per image; fixed cost (whole command minus the steady "
         f"state) {whole['seconds'] - whole['images'] / steady:.1f} s"
+    )
+    fixed = whole["seconds"] - whole["images"] / steady
+    print(
+        f"fixed cost / bare imports ({imports:.1f} s for `import torch, torchvision, ray, ray.data`): "
+        f"{fixed / imports:.2f} (target <= 2); a {SMALL_JOB}-image command {tiny['seconds']:.1f} s, "
+        f"{tiny['seconds'] / imports:.2f}x the bare imports"
     )
     print(
         f"ratio whole command / own model alone: {ours / our_model:.2f} (target >= 0.85); pipeline alone "
