@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import threading
 import uuid
 from collections.abc import Iterator
@@ -125,19 +126,24 @@ def turn(
         # Committed: its tries are forgotten, so a call Ray retries after the commit (the worker died before Ray
         # had the result) redoes it from a clean count, and only a shard that itself kills its worker fails.
         for shard in admitted.column("shard").to_pylist():
-            folder = _attempts_dir(root, shard)
-            if fs.exists(folder):
-                fs.rm(folder, recursive=True)
+            _remove(fs, _attempts_dir(root, shard))
+
+
+def _remove(fs: Any, folder: str) -> None:
+    """Remove a folder if it is there. On S3 a folder is its objects: a listing cached in this process (of the
+    folder or of its parent) may still show one whose objects are gone, and removing nothing is not an error."""
+    fs.invalidate_cache(folder)
+    fs.invalidate_cache(posixpath.dirname(folder))
+    if fs.exists(folder):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(folder, recursive=True)
 
 
 def clear(fs: Any, root: str) -> None:
     """Forget an earlier run's tries and failures (before a run starts): a rerun gives every unfinished shard
     SHARD_ATTEMPTS new tries."""
     for name in (ATTEMPTS_DIR, FAILED_DIR):
-        folder = storage.join(root, schema.SHARDS_DIR, name)
-        fs.invalidate_cache(folder)
-        if fs.exists(folder):
-            fs.rm(folder, recursive=True)
+        _remove(fs, storage.join(root, schema.SHARDS_DIR, name))
 
 
 def failure_line(failed: dict[int, str]) -> str:

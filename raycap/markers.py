@@ -28,7 +28,6 @@ def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, tup
     removed, so it is redone.
     """
     marker_dir = storage.join(output, schema.SHARDS_DIR)
-    fs.invalidate_cache(output)  # a listing cached in this process (an earlier job, a notebook) may predate them
     exists = fs.exists(marker_dir)
     names = [posixpath.basename(p) for p in fs.ls(marker_dir, detail=False, refresh=True)] if exists else []
     fs.invalidate_cache(marker_dir)

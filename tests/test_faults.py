@@ -151,3 +151,28 @@ def test_a_default_run_prints_only_raycaps_lines(tmp_path):
         assert "Failed to kill actor" not in text and "core_worker.cc" not in text and "gcs_server" not in text, text
         lines = [line for line in text.splitlines() if line.strip()]
         assert all(line.startswith((argv[0] + ":", str(tmp_path), "progress:")) for line in lines), lines
+
+
+def test_forgetting_tries_on_s3_whose_objects_vanish_meanwhile_is_not_an_error(s3_server, monkeypatch):
+    """A killed driver's last request (its DELETE of a committed shard's tries) can still land while the rerun
+    clears the attempts/ folder: found by `exists`, gone by `rm`. Removing nothing is not an error (the rerun
+    once failed with the line "raycap extract: error: ['.../_shards/attempts']")."""
+    import s3fs
+
+    fs, root = storage.filesystem("s3://vanishing-attempts/out", s3_server)
+    fs.mkdir("vanishing-attempts")
+    folder = f"{root}/{schema.SHARDS_DIR}/{attempts.ATTEMPTS_DIR}"
+    fs.pipe_file(f"{folder}/shard-000000/try-1", b"")
+    other = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True, use_listings_cache=False)
+    exists = fs.exists
+
+    def exists_then_the_late_delete_lands(path: str, **kwargs) -> bool:
+        found = exists(path, **kwargs)
+        if found and path.rstrip("/") == folder:
+            other.rm(folder, recursive=True)
+        return found
+
+    monkeypatch.setattr(fs, "exists", exists_then_the_late_delete_lands)
+    attempts.clear(fs, root)
+    fs.invalidate_cache()
+    assert not exists(folder)
