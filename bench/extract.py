@@ -179,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{manifest['images_per_second']:.2f}), {ours_cpu:.3f} CPU s per image over all its processes; first shard "
         f"committed after {whole['first_commit_s']:.1f} s"
     )
+    fixed = whole["seconds"] - whole["images"] / steady
     print(
         f"raycap extract steady state ({short['images']} then {whole['images']} images, the difference): "
         f"{steady:.2f} images/s, {steady_cpu:.3f} CPU s per image; fixed cost (whole command minus the steady "
-        f"state) {whole['seconds'] - whole['images'] / steady:.1f} s"
+        f"state) {fixed:.1f} s"
     )
-    fixed = whole["seconds"] - whole["images"] / steady
     print(
         f"fixed cost / bare imports ({imports:.1f} s for `import torch, torchvision, ray, ray.data`): "
         f"{fixed / imports:.2f} (target <= 2); a {SMALL_JOB}-image command {tiny['seconds']:.1f} s, "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
 import threading
 import uuid
 from collections.abc import Iterator
@@ -130,10 +129,9 @@ def turn(
 
 
 def _remove(fs: Any, folder: str) -> None:
-    """Remove a folder if it is there. On S3 a folder is its objects: a listing cached in this process (of the
-    folder or of its parent) may still show one whose objects are gone, and removing nothing is not an error."""
+    """Remove a folder if it is there. On S3 a folder is its objects, and they can go between `exists` and `rm`
+    (a killed driver's last DELETE landing during the rerun): removing nothing is not an error."""
     fs.invalidate_cache(folder)
-    fs.invalidate_cache(posixpath.dirname(folder))
     if fs.exists(folder):
         with contextlib.suppress(FileNotFoundError):
             fs.rm(folder, recursive=True)

@@ -21,6 +21,19 @@ def marker_name(shard: int, rows: int, errors: int) -> str:
     return f"{shard_name(shard)}.rows-{rows}.errors-{errors}.json"
 
 
+def _names(fs: fsspec.AbstractFileSystem, marker_dir: str) -> list[str]:
+    """The names in the marker folder (markers, and the attempts/ folder beside them), from one fresh listing."""
+    exists = fs.exists(marker_dir)
+    names = [posixpath.basename(p) for p in fs.ls(marker_dir, detail=False, refresh=True)] if exists else []
+    fs.invalidate_cache(marker_dir)
+    return names
+
+
+def any_committed(fs: fsspec.AbstractFileSystem, output: str) -> bool:
+    """Whether a shard of `output` is committed; read-only (finished_shards also removes a shard's duplicates)."""
+    return any(_MARKER.match(n) for n in _names(fs, storage.join(output, schema.SHARDS_DIR)))
+
+
 def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, tuple[int, int]]:
     """Shard number -> (rows, errors) of each committed shard, from ONE listing of the marker names.
 
@@ -28,9 +41,7 @@ def finished_shards(fs: fsspec.AbstractFileSystem, output: str) -> dict[int, tup
     removed, so it is redone.
     """
     marker_dir = storage.join(output, schema.SHARDS_DIR)
-    exists = fs.exists(marker_dir)
-    names = [posixpath.basename(p) for p in fs.ls(marker_dir, detail=False, refresh=True)] if exists else []
-    fs.invalidate_cache(marker_dir)
+    names = _names(fs, marker_dir)
     found: dict[int, tuple[int, int]] = {}
     twice: dict[int, list[str]] = {}
     for name in names:

@@ -56,14 +56,6 @@ def mean_job(images, output, model_cls: type = MeanModel, **settings: Any) -> pi
     )
 
 
-def committed(fs, output: str) -> bool:
-    """Whether a job writing `output` has committed a shard: a marker file under _shards/ (its attempts/ folder
-    appears before any commit). Read-only, unlike markers.finished_shards, which removes a shard's duplicates."""
-    folder = f"{output.rstrip('/')}/{schema.SHARDS_DIR}"
-    fs.invalidate_cache(folder)
-    return fs.exists(folder) and any(p.rsplit("/", 1)[-1].startswith("shard-") for p in fs.ls(folder, detail=False))
-
-
 def extract(images, output, *extra: str) -> int:
     """`jobs/extract.py` with the offline encoder: the way every test extracts features."""
     return extract_job.main(["--input", str(images), "--output", str(output), "--encoder-weights", "random", *extra])

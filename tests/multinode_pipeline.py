@@ -17,8 +17,9 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from raycap import caption, extract, schema, storage
+from raycap import caption, extract, storage
 from raycap.config import CaptionConfig, ExtractConfig
+from raycap.markers import any_committed
 from raycap.model import Captioner, ModelConfig
 from raycap.modeldir import write_model_dir
 from raycap.resources import Unschedulable
@@ -38,17 +39,10 @@ def run_losing_a_node(cluster: Cluster, run: Callable[[], dict], output: str) ->
     removed = False
     while job.is_alive():
         job.join(timeout=0.5)  # wakes to look for the first finished shard
-        if not removed and committed(fs, root):
+        if not removed and any_committed(fs, root):  # a marker, not the attempts/ folder
             cluster.remove_node(doomed)  # kills its decode tasks, writers and perhaps a model actor
             removed = True
     return {"removed": removed, "manifest": result.get("manifest")}
-
-
-def committed(fs, output: str) -> bool:
-    """A marker file under _shards/ (its attempts/ folder comes before any commit), as tests/helpers.py looks."""
-    folder = storage.join(output, schema.SHARDS_DIR)
-    fs.invalidate_cache(folder)
-    return fs.exists(folder) and any(p.rsplit("/", 1)[-1].startswith("shard-") for p in fs.ls(folder, detail=False))
 
 
 def too_small(cluster: Cluster, images: str, output: str) -> dict:
