@@ -1,126 +1,160 @@
-"""Training input: captions (files or a store's own text), the split by image, and a batch's captions as tensors."""
+"""Training input, pure: caption sources read a chunk at a time, the split by a seeded hash, a batch's captions."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
 from collections import Counter
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import torch
 
 from raycap import schema, storage
 
+if TYPE_CHECKING:
+    import torch
 
-def kept_text(location: str, column: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    """(image id, caption) pairs from a column kept in the feature rows of an extract output folder.
-
-    The column holds one caption per row (a string, e.g. a store's alt text) or several (a list of strings).
-    """
-    fs, root = storage.filesystem(location, storage_options)
-    folder = storage.join(root, schema.FEATURES_DIR)
-    shards = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet")) if fs.isdir(folder) else []
-    if not shards:
-        raise ValueError(f"--captions {location} is a folder without {schema.FEATURES_DIR}/*.parquet")
-    pairs: list[tuple[str, str]] = []
-    for path in shards:  # two columns a file: the features themselves are never read
-        names = pq.read_schema(path, filesystem=fs).names
-        if column not in names:
-            raise ValueError(f"--captions {location}: its feature rows have no {column!r} column (--caption-column)")
-        table = pq.read_table(path, columns=[schema.IMAGE_ID, column], filesystem=fs)
-        for image_id, text in zip(table[schema.IMAGE_ID].to_pylist(), table[column].to_pylist()):
-            for caption in text if isinstance(text, list) else [text]:
-                if caption is not None and str(caption).strip():
-                    pairs.append((image_id, str(caption)))
-    return pairs
+CAPTION_ROWS = pa.schema([(schema.IMAGE_ID, pa.string()), (schema.CAPTION, pa.string())])  # a source's rows
+SPLIT_ROWS = pa.schema([(schema.IMAGE_ID, pa.string()), ("split", pa.int8())])  # a --split-file's rows
+TRAIN, VAL, EXCLUDED = 0, 1, -1  # an image's side: the split column's values
+VAL_FRACTION = 0.05  # share of images that a seeded hash of their id assigns to val
+CSV_BLOCK = 16 << 20  # bytes of a captions CSV parsed at a time: a big table never sits whole in one process
 
 
-def load_captions(
-    location: str,
-    max_captions: int | None = None,
-    seed: int = 0,
-    storage_options: dict[str, Any] | None = None,
-    caption_column: str = "txt",
-) -> dict[str, list[str]]:
-    """Captions by image id from COCO captions JSON, a CSV/Parquet table of (file_name or path, caption), or the
-    text column `caption_column` kept in the feature rows of an extract output folder.
+@dataclass(frozen=True)
+class CaptionChunk:
+    """One readable part of a caption source: a whole JSON/CSV/Parquet file, or one extract output's feature file."""
 
-    `location` is a local path or URI. With `max_captions`, a seeded random subset of captions is kept
-    (the tutorial's 30,000 of COCO).
-    """
+    kind: str  # coco | csv | parquet | kept
+    uri: str
+    column: str = "txt"  # kept: the text column of the feature rows
+
+
+def caption_chunks(
+    location: str, storage_options: dict[str, Any] | None = None, caption_column: str = "txt"
+) -> list[CaptionChunk]:
+    """What to read of `--captions`: COCO captions JSON, a CSV/Parquet table of (file_name | image_id | path,
+    caption), or an extract output folder whose feature rows kept a text column (`caption_column`)."""
     fs, path = storage.filesystem(location, storage_options)
-    pairs: list[tuple[str, str]] = []
     if fs.isdir(path):
-        pairs = kept_text(location, caption_column, storage_options)
-    elif location.endswith(".json"):
-        data = storage.read_bytes(location, storage_options, "--captions")
+        folder = storage.join(path, schema.FEATURES_DIR)
+        shards = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet")) if fs.isdir(folder) else []
+        if not shards:
+            raise ValueError(f"--captions {location} is a folder without {schema.FEATURES_DIR}/*.parquet")
+        names = pq.read_schema(shards[0], filesystem=fs).names
+        if caption_column not in names:
+            raise ValueError(
+                f"--captions {location}: its feature rows have no {caption_column!r} column (--caption-column)"
+            )
+        return [CaptionChunk("kept", storage.uri(fs, p), caption_column) for p in shards]
+    kind = "coco" if location.endswith(".json") else "parquet" if location.endswith(".parquet") else "csv"
+    return [CaptionChunk(kind, location)]
+
+
+def _pairs(ids: list[Any], captions: list[Any]) -> pa.Table:
+    """(image id, caption) rows; ids keep '/' separators, empty captions are dropped."""
+    kept = [(str(i).replace(os.sep, "/"), str(c)) for i, c in zip(ids, captions) if c is not None and str(c).strip()]
+    return pa.table([[i for i, _ in kept], [c for _, c in kept]], schema=CAPTION_ROWS)
+
+
+def _table_key(names: list[str], location: str) -> str:
+    key = next((c for c in ("file_name", "image_id", "path") if c in names), None)
+    if key is None or schema.CAPTION not in names:
+        raise ValueError(f"--captions {location} needs columns (file_name | image_id | path, caption)")
+    return key
+
+
+def read_caption_chunk(chunk: CaptionChunk, storage_options: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+    """A chunk's (image_id, caption) rows, a batch at a time; one ValueError line for a malformed source."""
+    if chunk.kind == "kept":
+        fs, path = storage.filesystem(chunk.uri, storage_options)
+        with fs.open(path, "rb") as f:
+            file = pq.ParquetFile(f)
+            if chunk.column not in file.schema_arrow.names:
+                raise ValueError(f"--captions: {chunk.uri} has no {chunk.column!r} column (--caption-column)")
+            for batch in file.iter_batches(columns=[schema.IMAGE_ID, chunk.column]):
+                ids, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+                flat = [(i, c) for i, t in zip(ids, texts) for c in (t if isinstance(t, list) else [t])]
+                yield _pairs([i for i, _ in flat], [c for _, c in flat])
+        return
+    if chunk.kind == "coco":
+        data = storage.read_bytes(chunk.uri, storage_options, "--captions")
         try:
             coco = json.loads(data)
             names = {im["id"]: im["file_name"] for im in coco["images"]}
             pairs = [(names[a["image_id"]], a["caption"]) for a in coco["annotations"]]
         except json.JSONDecodeError as e:
-            raise ValueError(f"--captions {location} is not JSON ({e})") from None
+            raise ValueError(f"--captions {chunk.uri} is not JSON ({e})") from None
         except (KeyError, TypeError) as e:
-            raise ValueError(f"--captions {location} is not COCO captions JSON (missing {e})") from None
-    else:
-        data = storage.read_bytes(location, storage_options, "--captions")
-        try:
-            table = (
-                pq.read_table(pa.BufferReader(data))
-                if location.endswith(".parquet")
-                else pacsv.read_csv(pa.BufferReader(data))
-            )
-        except pa.ArrowInvalid as e:
-            raise ValueError(f"--captions {location} cannot be read as a table ({storage.one_line(e)})") from None
-        key = next((c for c in ("file_name", "image_id", "path") if c in table.column_names), None)
-        if key is None or "caption" not in table.column_names:
-            raise ValueError(f"--captions {location} needs columns (file_name | image_id | path, caption)")
-        pairs = list(zip(table[key].to_pylist(), table["caption"].to_pylist()))
-    if max_captions is not None and len(pairs) > max_captions:
-        pairs = random.Random(seed).sample(pairs, max_captions)
+            raise ValueError(f"--captions {chunk.uri} is not COCO captions JSON (missing {e})") from None
+        yield _pairs([n for n, _ in pairs], [c for _, c in pairs])
+        return
+    fs, path = storage.filesystem(chunk.uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            if chunk.kind == "parquet":
+                file = pq.ParquetFile(f)
+                key = _table_key(file.schema_arrow.names, chunk.uri)
+                for batch in file.iter_batches(columns=[key, schema.CAPTION]):
+                    yield _pairs(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+                return
+            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK))
+            key = _table_key(reader.schema.names, chunk.uri)
+            for batch in reader:
+                yield _pairs(batch.column(key).to_pylist(), batch.column(schema.CAPTION).to_pylist())
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"--captions {chunk.uri} cannot be read as a table ({storage.one_line(e)})") from None
+
+
+def load_captions(
+    location: str, storage_options: dict[str, Any] | None = None, caption_column: str = "txt"
+) -> dict[str, list[str]]:
+    """Every caption of `--captions` by image id, in one process: for small sources and tests (training reads
+    the same chunks in Ray tasks, never whole)."""
     captions: dict[str, list[str]] = {}
-    for name, caption in pairs:
-        captions.setdefault(str(name).replace(os.sep, "/"), []).append(str(caption))
+    for chunk in caption_chunks(location, storage_options, caption_column):
+        for table in read_caption_chunk(chunk, storage_options):
+            for image_id, caption in zip(table[schema.IMAGE_ID].to_pylist(), table[schema.CAPTION].to_pylist()):
+                captions.setdefault(image_id, []).append(caption)
     if not captions:
         raise ValueError(f"--captions {location} holds no captions")
     return captions
 
 
-def split_images(
-    image_ids: list[str], split_file: str | None, seed: int, storage_options: dict[str, Any] | None = None
-) -> tuple[list[str], list[str]]:
-    """Train and val image ids: from splits.json (a local path or URI), or a seeded hash of each id (about 95/5)."""
-    if split_file:
-        try:
-            splits = json.loads(storage.read_bytes(split_file, storage_options, "--split-file"))
-            train, val = list(splits["train"]), list(splits.get("val", []))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"--split-file {split_file} is not JSON with a train list ({e!r})") from None
-        known = set(image_ids)
-        return [i for i in train if i in known], [i for i in val if i in known]
-    ranked = sorted((split_hash(i, seed), i) for i in image_ids)
-    val = [i for h, i in ranked if h < VAL_FRACTION]
-    if not val and len(ranked) > 1:
-        val = [ranked[0][1]]  # a tiny set still validates on one image
-    held = set(val)
-    return sorted(i for i in image_ids if i not in held), sorted(val)
+def read_split_file(split_file: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """splits.json ({"train": [ids], "val": [ids]}) as (image_id, split) rows; images it does not name are left out."""
+    try:
+        splits = json.loads(storage.read_bytes(split_file, storage_options, "--split-file"))
+        train, val = [str(i) for i in splits["train"]], [str(i) for i in splits.get("val", [])]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--split-file {split_file} is not JSON with a train list ({e!r})") from None
+    return pa.table([train + val, [TRAIN] * len(train) + [VAL] * len(val)], schema=SPLIT_ROWS)
 
 
-VAL_FRACTION = 0.05  # share of images that a seeded hash of their id assigns to val
-
-
-def split_hash(image_id: str, seed: int) -> float:
+def split_hash(image_id: str, seed: int, salt: str = "") -> float:
     """A stable, seeded hash of an image id in [0, 1): the split of an image never depends on the other images."""
-    digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{salt}{image_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
 
+def hash_side(image_id: str, seed: int) -> int:
+    """TRAIN or VAL by the seeded hash: about VAL_FRACTION of the images are val."""
+    return VAL if split_hash(image_id, seed) < VAL_FRACTION else TRAIN
+
+
+def sample_key(image_id: str, seed: int) -> float:
+    """The seeded order of the val sample: validation scores the val images with the smallest keys."""
+    return split_hash(image_id, seed, "val-sample:")
+
+
 def _pad(seqs: list[list[int]]) -> torch.Tensor:
+    import torch  # here, not at the top: the join's Ray tasks import this module and never need torch
+
     out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s)
@@ -145,6 +179,8 @@ def caption_batch(
             pairs.append((len(rows), cap, count))
         rows.append(row)
     pairs.sort(key=lambda p: -len(p[1]))
+    import torch
+
     return (
         torch.tensor(rows, dtype=torch.long),
         _pad([list(p[1]) for p in pairs]),

@@ -1,17 +1,20 @@
-"""The feature shards as pieces (row slices planned from Parquet footers), dealt out to DDP workers each epoch."""
+"""The feature shards as pieces (row slices of a file and its captions file), dealt out to DDP workers each epoch."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raycap import schema
+from raycap import schema, storage
+from raycap.ingest import TRAIN
+from raycap.trainset import CAPTIONS, SPLIT
 
 PIECES_PER_WORKER = 8  # a small input's row groups are sliced until each worker gets about this many pieces
 SHUFFLE_PIECES = 4  # a worker's shuffle buffer mixes the rows of this many pieces (row groups) at a time
@@ -19,9 +22,11 @@ SHUFFLE_PIECES = 4  # a worker's shuffle buffer mixes the rows of this many piec
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows [start, stop) of one row group of one feature file: the unit an epoch deals out to the workers."""
+    """Rows [start, stop) of one row group of one feature file (and of its captions file, row for row): the unit
+    an epoch deals out to the workers."""
 
-    path: str  # the file's path inside the features' filesystem
+    path: str  # the feature file's URI
+    captions: str  # its captions file's URI (trainset.py): same row groups, same rows
     row_group: int
     start: int
     stop: int
@@ -31,39 +36,20 @@ class Piece:
         return self.stop - self.start
 
 
-@dataclass(frozen=True)
-class RowGroup:
-    """One row group of a feature file, with the ids of its images (read from the image_id column alone)."""
-
-    path: str
-    index: int
-    ids: tuple[str, ...]
-
-
-def row_groups(fs: fsspec.AbstractFileSystem, features_dir: str) -> list[RowGroup]:
-    """Every row group of the feature files in path order; only the image_id column is read."""
-    groups = []
-    for path in sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet")):
-        with fs.open(path, "rb") as f:
-            file = pq.ParquetFile(f)
-            for index in range(file.num_row_groups):
-                ids = file.read_row_group(index, columns=[schema.IMAGE_ID])[schema.IMAGE_ID].to_pylist()
-                groups.append(RowGroup(path, index, tuple(ids)))
-    return groups
-
-
-def plan_pieces(groups: list[RowGroup], world: int) -> list[Piece]:
-    """The row groups as pieces; a small input's groups are sliced so each of `world` workers gets several.
+def plan_pieces(files: list[tuple[str, str]], groups: list[list[int]], world: int) -> list[Piece]:
+    """The row groups of `files` ((features, captions) paths; `groups`: rows of each of a file's row groups) as
+    pieces; a small input's groups are sliced so each of `world` workers gets several.
 
     At scale a piece is a whole row group (read once an epoch). Slicing re-reads a group once per slice, which
     only happens when the whole input is smaller than world x PIECES_PER_WORKER groups' worth of slices.
     """
-    total = sum(len(g.ids) for g in groups)
+    total = sum(n for sizes in groups for n in sizes)
     most = max(1, math.ceil(total / (world * PIECES_PER_WORKER)))
     pieces = []
-    for g in groups:
-        for start in range(0, len(g.ids), most):
-            pieces.append(Piece(g.path, g.index, start, min(len(g.ids), start + most)))
+    for (path, captions), sizes in zip(files, groups):
+        for index, n in enumerate(sizes):
+            for start in range(0, n, most):
+                pieces.append(Piece(path, captions, index, start, min(n, start + most)))
     return pieces
 
 
@@ -76,52 +62,75 @@ def deal(pieces: list[Piece], epoch: int, seed: int, rank: int, world: int) -> l
     return [pieces[i] for i in order[rank::world]]
 
 
-def read_piece(fs: fsspec.AbstractFileSystem, piece: Piece, columns: list[str]) -> pa.Table:
-    with fs.open(piece.path, "rb") as f:
-        group = pq.ParquetFile(f).read_row_group(piece.row_group, columns=columns)
-    return group.slice(piece.start, piece.rows)
+def _read_group(uri: str, row_group: int, columns: list[str], storage_options: dict[str, Any] | None) -> pa.Table:
+    fs, path = storage.filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
 
 
-def keep_ids(table: pa.Table, ids: Container[str]) -> pa.Table:
-    """The rows whose image id is in `ids` (a set or dict the caller holds anyway).
+def read_piece(piece: Piece, columns: list[str], storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """The piece's rows of the feature file's `columns`, then its captions file's split and captions columns."""
+    group = _read_group(piece.path, piece.row_group, columns, storage_options)
+    side = _read_group(piece.captions, piece.row_group, [SPLIT, CAPTIONS], storage_options)
+    rows = group.slice(piece.start, piece.rows)
+    side = side.slice(piece.start, piece.rows)
+    return rows.append_column(SPLIT, side[SPLIT]).append_column(CAPTIONS, side[CAPTIONS])
 
-    A lookup per row: Arrow's `is_in` would rebuild its hash table of every id on each call, once a piece.
-    """
-    return table.filter(pa.array([i in ids for i in table[schema.IMAGE_ID].to_pylist()], pa.bool_()))
+
+def training_rows(table: pa.Table, held_out: Container[str] = ()) -> pa.Table:
+    """The rows of the training side that have captions (`held_out`: training images moved to val)."""
+    keep = pc.and_(pc.equal(table[SPLIT], TRAIN), pc.greater(pc.fill_null(pc.list_value_length(table[CAPTIONS]), 0), 0))
+    if held_out:
+        keep = pc.and_(keep, pa.array([i not in held_out for i in table[schema.IMAGE_ID].to_pylist()]))
+    return table.filter(keep)
 
 
 def feature_statistics(
-    fs: fsspec.AbstractFileSystem, pieces: list[Piece], train_ids: Container[str], seed: int, images: int = 512
+    pieces: list[Piece],
+    keep: Callable[[pa.Table], pa.Table],
+    seed: int,
+    images: int = 512,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of the features of (up to `images`) training images, from pieces drawn at
-    random across the whole input (a store ordered by source or day would bias its first files)."""
-    sums, squares, count = np.zeros(schema.FEATURE_DIM), np.zeros(schema.FEATURE_DIM), 0
+    """Per-channel mean and std of the features of (up to `images`) training images (`keep`), from pieces drawn
+    at random across the whole input (a store ordered by source or day would bias its first files)."""
+    sums, squares, count = 0.0, 0.0, 0
     for i in np.random.default_rng(seed).permutation(len(pieces)):
-        table = keep_ids(read_piece(fs, pieces[i], [schema.IMAGE_ID, schema.FEATURES]), train_ids)
-        feats = schema.features_to_numpy(table[schema.FEATURES]).astype(np.float64).reshape(-1, schema.FEATURE_DIM)
-        sums += feats.sum(0)
-        squares += (feats**2).sum(0)
+        table = keep(read_piece(pieces[i], [schema.IMAGE_ID, schema.FEATURES], storage_options))
+        if not len(table):
+            continue
+        feats = feature_array(table).astype(np.float64)
+        feats = feats.reshape(-1, feats.shape[-1])
+        sums = sums + feats.sum(0)
+        squares = squares + (feats**2).sum(0)
         count += len(table)
         if count >= images:
             break
-    n = max(1, count * schema.NUM_REGIONS)
+    if not count:
+        raise ValueError("no training image with captions in the feature files")
+    n = count * schema.NUM_REGIONS
     mean = sums / n
     return mean.astype(np.float32), np.sqrt(np.maximum(squares / n - mean**2, 0)).astype(np.float32)
+
+
+def feature_array(table: pa.Table) -> np.ndarray:
+    """A table's feature column as an (N, 64, C) array in its stored dtype (its field metadata says which)."""
+    dtype, _ = schema.feature_layout(table.schema.field(schema.FEATURES))
+    return schema.features_to_numpy(table[schema.FEATURES], dtype)
 
 
 class WorkerFeatures:
     """One DDP worker's share of the training features, batch by batch, epoch after epoch.
 
-    Each epoch deals the pieces out afresh (`deal`), and the worker reads its own straight from the store: no
-    pipeline to start, the same cost per step at 10 thousand or 10 million images. Rows pass `keep` (the
-    training side), then a shuffle buffer of SHUFFLE_PIECES pieces, seeded per epoch and rank. With
-    `cache_bytes` > 0 and a share that fits, the worker reads epoch 0's share into memory and reshuffles it
-    locally every epoch; its share then stays fixed (as with a DistributedSampler that is not reseeded).
+    Each epoch deals the pieces out afresh (`deal`), and the worker reads its own straight from the store, the
+    features and their captions side by side: no pipeline to start, no caption table in memory, the same cost
+    per step at 10 thousand or 10 million images. Rows pass `keep` (the training side), then a shuffle buffer
+    of SHUFFLE_PIECES pieces, seeded per epoch and rank. With `cache_bytes` > 0 and a share that fits, the
+    worker reads epoch 0's share into memory and reshuffles it locally every epoch; its share then stays fixed (as with a DistributedSampler that is not reseeded).
     """
 
     def __init__(
         self,
-        fs: fsspec.AbstractFileSystem,
         pieces: list[Piece],
         keep: Callable[[pa.Table], pa.Table],
         rank: int,
@@ -129,10 +138,11 @@ class WorkerFeatures:
         batch_size: int,
         seed: int,
         cache_bytes: int,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.fs, self.pieces, self.keep = fs, pieces, keep
+        self.pieces, self.keep, self.storage_options = pieces, keep, storage_options
         self.rank, self.world, self.batch_size, self.seed, self.cache_bytes = rank, world, batch_size, seed, cache_bytes
-        self.cached: pa.Table | None = None  # (N rows: image_id, features) once the share is known to fit
+        self.cached: pa.Table | None = None  # (N rows: image_id, features, split, captions) once it is known to fit
         self.reads = 0  # pieces read from the store
 
     def batches(self, epoch: int) -> Iterator[pa.Table]:
@@ -160,7 +170,7 @@ class WorkerFeatures:
 
     def _read(self, piece: Piece) -> pa.Table:
         self.reads += 1
-        return self.keep(read_piece(self.fs, piece, [schema.IMAGE_ID, schema.FEATURES]))
+        return self.keep(read_piece(piece, [schema.IMAGE_ID, schema.FEATURES], self.storage_options))
 
     def _drain(self, buffer: list[pa.Table], rng: np.random.Generator, keep_tail: bool) -> Iterator[pa.Table]:
         """Shuffled batches from the buffered pieces; with `keep_tail`, a partial last batch waits for more rows."""

@@ -44,19 +44,19 @@ PLAN_DIR = "_plan"  # the input listing split into shards (Parquet parts + _plan
 MANIFEST_FILE = "_manifest.json"  # written last: the run is complete
 
 
-def feature_type(dtype: str = "float16") -> pa.DataType:
-    """The Arrow type of one feature tensor stored as fixed-size bytes."""
-    return pa.binary(NUM_REGIONS * FEATURE_DIM * np.dtype(dtype).itemsize)
+def feature_type(dtype: str = "float16", dim: int = FEATURE_DIM) -> pa.DataType:
+    """The Arrow type of one feature tensor (64 x `dim`) stored as fixed-size bytes."""
+    return pa.binary(NUM_REGIONS * dim * np.dtype(dtype).itemsize)
 
 
-def features_schema(dtype: str = "float16") -> pa.Schema:
-    """Schema of ``features/*.parquet``."""
-    meta = {"shape": json.dumps([NUM_REGIONS, FEATURE_DIM]), "dtype": dtype}
+def features_schema(dtype: str = "float16", dim: int = FEATURE_DIM) -> pa.Schema:
+    """Schema of ``features/*.parquet`` (`dim` < 2048 only for reduced synthetic features in tests and benches)."""
+    meta = {"shape": json.dumps([NUM_REGIONS, dim]), "dtype": dtype}
     return pa.schema(
         [
             pa.field(IMAGE_ID, pa.string(), nullable=False),
             pa.field(PATH, pa.string(), nullable=False),
-            pa.field(FEATURES, feature_type(dtype), nullable=False, metadata=meta),
+            pa.field(FEATURES, feature_type(dtype, dim), nullable=False, metadata=meta),
             pa.field(WIDTH, pa.int32(), nullable=False),
             pa.field(HEIGHT, pa.int32(), nullable=False),
         ]
@@ -86,8 +86,16 @@ CAPTIONS_SCHEMA = pa.schema(
 )
 
 
+def feature_layout(field: pa.Field) -> tuple[str, int]:
+    """(dtype, channels) of a stored feature column, from its field metadata (float16 x 2048 when it has none)."""
+    meta = field.metadata or {}
+    dtype = meta.get(b"dtype", b"float16").decode()
+    shape = json.loads(meta[b"shape"]) if b"shape" in meta else [NUM_REGIONS, FEATURE_DIM]
+    return dtype, int(shape[1])
+
+
 def features_to_numpy(column: pa.Array | pa.ChunkedArray | list[bytes], dtype: str = "float16") -> np.ndarray:
-    """Turn a stored feature column into an ``(N, 64, 2048)`` array (zero-copy for one Arrow chunk)."""
+    """Turn a stored feature column into an ``(N, 64, C)`` array, C = 2048 (zero-copy for one Arrow chunk)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if isinstance(column, pa.FixedSizeBinaryArray):
@@ -98,12 +106,12 @@ def features_to_numpy(column: pa.Array | pa.ChunkedArray | list[bytes], dtype: s
         flat = np.frombuffer(buf, dtype=np.uint8, count=width * len(column), offset=column.offset * width)
     else:
         flat = np.frombuffer(b"".join(bytes(v) for v in column), dtype=np.uint8)
-    return flat.view(dtype).reshape(-1, NUM_REGIONS, FEATURE_DIM)
+    return flat.view(dtype).reshape(len(column), NUM_REGIONS, -1)
 
 
 def features_to_arrow(features: np.ndarray, dtype: str = "float16") -> pa.FixedSizeBinaryArray:
-    """Store an ``(N, 64, 2048)`` array as a fixed-size binary column over the array's own memory (no copy
+    """Store an ``(N, 64, C)`` array as a fixed-size binary column over the array's own memory (no copy
     when it is already contiguous in `dtype`; the column keeps the array alive)."""
     arr = np.ascontiguousarray(features.astype(dtype, copy=False)).reshape(len(features), -1)
     buf = pa.py_buffer(arr.view(np.uint8))
-    return pa.FixedSizeBinaryArray.from_buffers(feature_type(dtype), len(arr), [None, buf])
+    return pa.FixedSizeBinaryArray.from_buffers(feature_type(dtype, features.shape[-1]), len(arr), [None, buf])

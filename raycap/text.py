@@ -41,7 +41,13 @@ class Vocabulary:
         """The `max_size` most frequent words (specials included in the count); the rest map to <unk>."""
         if max_size <= len(SPECIALS):
             raise ValueError(f"vocabulary size must exceed {len(SPECIALS)}, got {max_size}")
-        counts = Counter(w for c in captions for w in words(c))
+        return cls.from_counts(Counter(w for c in captions for w in words(c)), max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, max_size: int = 5000) -> Vocabulary:
+        """The vocabulary of word counts summed elsewhere (e.g. by the tasks that read the captions)."""
+        if max_size <= len(SPECIALS):
+            raise ValueError(f"vocabulary size must exceed {len(SPECIALS)}, got {max_size}")
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         kept = [w for w, _ in ranked if w not in SPECIALS][: max_size - len(SPECIALS)]
         return cls(SPECIALS + tuple(kept))

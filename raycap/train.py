@@ -4,30 +4,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow.fs
+import pyarrow.parquet as pq
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raycap import modeldir, schema, storage
+from raycap import ingest, modeldir, schema, storage, trainset
 from raycap.config import TrainConfig, verbose
-from raycap.ingest import load_captions, split_images
 from raycap.model import Captioner, ModelConfig
-from raycap.pieces import Piece, RowGroup, feature_statistics, plan_pieces, row_groups
+from raycap.pieces import feature_statistics, plan_pieces, training_rows
 from raycap.resources import node_shapes, plan_train_workers
 from raycap.text import Vocabulary
 from raycap.train_worker import WorkerConfig, train_loop_per_worker
+from raycap.trainset import TrainSet
 
 RUNS_SUFFIX = ".runs"  # Ray Train's runs and checkpoints live beside the model directory: MODEL.runs/
+TRAINSET_DIR = "trainset"  # under MODEL.runs/: a captions file per feature file, written at each run's start
 # How often Ray Train's controller polls its workers (Ray propagates the variable from the driver to the controller).
 # Its default, 2 s, is paid a few times at a run's start and end: 4-5 s of every run here, 1 s at this value.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
@@ -35,65 +34,117 @@ CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0
 
 @dataclass
 class Inputs:
-    """The training inputs, read and checked on the driver before any Ray Data or Ray Train work."""
+    """The training inputs as the driver holds them: file names, counts and the val sample, never the captions."""
 
-    fs: fsspec.AbstractFileSystem  # the features' filesystem
-    features_dir: str  # path of the feature shards inside `fs`
-    groups: list[RowGroup]  # every row group of the feature shards, with its image ids
-    captions: dict[str, list[str]]  # image id -> its captions (only images that have features)
-    train_ids: list[str]
-    val_ids: list[str]
+    trainset: TrainSet
+    feature_dim: int  # channels of the stored features (2048; fewer only in reduced synthetic sets)
     manifest: dict[str, Any]  # the extract manifest (encoder weights, feature dtype, preprocessing)
 
 
-def read_inputs(config: TrainConfig) -> Inputs:
-    """Captions, split and the ids of the extracted images, from local paths or URIs; one ValueError line on a fault."""
+def feature_files(config: TrainConfig) -> tuple[list[str], int, dict[str, Any]]:
+    """The feature files' URIs in name order, their feature channels and the extract manifest; one ValueError line
+    on a fault. Only a listing, one footer and the manifest are read."""
     fs, features_root = storage.filesystem(config.features, config.storage_options)
     features_dir = storage.join(features_root, schema.FEATURES_DIR)  # its existence checked by config.validate
     out_fs, out_path = storage.filesystem(config.output, config.storage_options)
     if type(out_fs) is type(fs) and (out_path + "/").startswith(features_root.rstrip("/") + "/"):
         raise ValueError("--output must not be inside --features")
-    captions = load_captions(
-        config.captions, config.max_captions, config.seed, config.storage_options, config.caption_column
-    )
-    groups = row_groups(fs, features_dir)  # only the image_id column is read, a column chunk per row group
-    available = {i for g in groups for i in g.ids}
-    paired = {i: c for i, c in captions.items() if i in available}
-    if not paired:
-        raise ValueError(f"no image in --captions has features in {config.features} (ids must match file names)")
-    train_ids, val_ids = split_images(list(paired), config.split_file, config.seed, config.storage_options)
-    if not train_ids:
-        raise ValueError("the training split is empty")
+    paths = sorted(p for p in fs.ls(features_dir, detail=False) if p.endswith(".parquet"))
+    if not paths:
+        raise ValueError(f"--features {config.features} has no feature files in {schema.FEATURES_DIR}/")
+    _, dim = schema.feature_layout(pq.read_schema(paths[0], filesystem=fs).field(schema.FEATURES))
     manifest_path = storage.join(features_root, schema.MANIFEST_FILE)
     manifest = storage.read_json(fs, manifest_path) if fs.exists(manifest_path) else {}
-    return Inputs(fs, features_dir, groups, paired, train_ids, val_ids, manifest)
+    return [storage.uri(fs, p) for p in paths], dim, manifest
 
 
-def input_pin(
-    vocab: Vocabulary, captions: dict[str, list[str]], train_ids: list[str], val_ids: list[str]
-) -> dict[str, str]:
+def _returns(refs: Any, n: int) -> list[Any]:
+    return list(refs) if n > 1 else [refs]
+
+
+def _scatter_captions(chunk: ingest.CaptionChunk, buckets: int, options: dict[str, Any]) -> list[Any]:
+    tables, count = trainset.scatter_captions(chunk, buckets, options)
+    return [*tables, count]
+
+
+def _get(refs: list[Any]) -> list[Any]:
+    """ray.get, with a task's own ValueError (a malformed captions or split file) as one line, not a traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ValueError):
+            raise ValueError(str(e.cause)) from None
+        raise
+
+
+def build_trainset(config: TrainConfig, features: list[str], root: str) -> TrainSet:
+    """trainset.py's hash join as Ray tasks of a CPU each: scatter every source, join each bucket, gather each
+    group of feature files (its captions files written under `root`). The driver holds references and the
+    gathers' summaries only."""
+    options = config.storage_options
+    files = [(uri, trainset.captions_path(root, uri)) for uri in features]
+    chunks = ingest.caption_chunks(config.captions, options, config.caption_column)
+    buckets = trainset.bucket_count(len(features))
+    task = ray.remote(num_cpus=1)
+    scatter = [
+        _returns(task(trainset.scatter_features).options(num_returns=buckets).remote(group, buckets, options), buckets)
+        for group in trainset.scatter_groups(list(enumerate(features)))
+    ]
+    counted = [
+        _returns(task(_scatter_captions).options(num_returns=buckets + 1).remote(c, buckets, options), buckets + 1)
+        for c in chunks
+    ]
+    scatter += [refs[:-1] for refs in counted]
+    if config.split_file:
+        split = task(trainset.scatter_split).options(num_returns=buckets).remote(config.split_file, buckets, options)
+        scatter.append(_returns(split, buckets))
+    fraction = 1.0
+    if config.max_captions is not None:
+        total = sum(_get([refs[-1] for refs in counted]))
+        fraction = min(1.0, config.max_captions / max(1, total))
+    gathers = buckets
+    joined = [
+        _returns(
+            task(trainset.join_bucket)
+            .options(num_returns=gathers)
+            .remote([refs[k] for refs in scatter], config.seed, bool(config.split_file), fraction, gathers),
+            gathers,
+        )
+        for k in range(buckets)
+    ]
+    results = _get(
+        [
+            task(trainset.gather_files).remote(
+                [refs[g] for refs in joined],
+                {i: files[i] for i in range(g, len(files), gathers)},
+                config.val_images,
+                config.seed,
+                options,
+            )
+            for g in range(gathers)
+        ]
+    )
+    return trainset.merge(results, files, config.val_images)
+
+
+def read_inputs(config: TrainConfig, root: str) -> Inputs:
+    """The joined training set (captions files under `root`), checked: one ValueError line on a fault."""
+    features, dim, manifest = feature_files(config)
+    joined = build_trainset(config, features, root)
+    if not joined.train_images and not joined.val_images:
+        raise ValueError(f"no image in --captions has features in {config.features} (ids must match file names)")
+    if not joined.train_images:
+        raise ValueError("the training split is empty")
+    return Inputs(joined, dim, manifest)
+
+
+def input_pin(vocab: Vocabulary, joined: TrainSet) -> dict[str, str]:
     """Digests of what a run's checkpoints mean: the vocabulary, the split and the captions (stored in each)."""
-
-    def digest(value: Any) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
     return {
-        "vocabulary": digest(vocab.to_json()),
-        "split": digest([sorted(train_ids), sorted(val_ids)]),
-        "captions": digest(captions),
+        "vocabulary": hashlib.sha256(vocab.to_json().encode()).hexdigest()[:16],
+        "split": joined.digests["split"],
+        "captions": joined.digests["captions"],
     }
-
-
-def val_sample(val_ids: list[str], images: int, seed: int) -> list[str]:
-    """At most `images` val ids, a seeded sample: validation costs the same each epoch whatever the split's size."""
-    ids = sorted(val_ids)
-    return sorted(random.Random(seed).sample(ids, images)) if len(ids) > images else ids
-
-
-def val_pieces(groups: list[RowGroup], scored: list[str]) -> list[Piece]:
-    """The row groups that hold the images validation scores: rank 0 reads only these, once."""
-    wanted = set(scored)
-    return [Piece(g.path, g.index, 0, len(g.ids)) for g in groups if wanted.intersection(g.ids)]
 
 
 def run_storage(config: TrainConfig) -> tuple[str, str, pyarrow.fs.FileSystem | None]:
@@ -114,24 +165,28 @@ def run_storage(config: TrainConfig) -> tuple[str, str, pyarrow.fs.FileSystem | 
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) and write the model directory; returns the final metrics."""
     config.validate()
-    inputs = read_inputs(config)
-    captions, train_ids, val_ids = inputs.captions, inputs.train_ids, inputs.val_ids
+    run_root, storage_path, storage_filesystem = run_storage(config)
+    inputs = read_inputs(config, storage.join(run_root, TRAINSET_DIR))
+    joined = inputs.trainset
     source = modeldir.load_model_dir(config.init_from, config.storage_options) if config.init_from else None
-    vocab = source.vocab if source else Vocabulary.build((c for i in train_ids for c in captions[i]), config.vocab_size)
-    length = config.max_caption_length + 2
+    vocab = source.vocab if source else Vocabulary.from_counts(joined.words, config.vocab_size)
     world = config.workers
-    pieces = plan_pieces(inputs.groups, world)
-    mean, std = feature_statistics(inputs.fs, pieces, set(train_ids), config.seed)
+    pieces = plan_pieces(joined.files, joined.groups, world)
+    mean, std = feature_statistics(
+        pieces, lambda t: training_rows(t, joined.held_out), config.seed, storage_options=config.storage_options
+    )
     model_cfg = (
         source.model.config
         if source
         else ModelConfig(
-            vocab_size=len(vocab), embedding_dim=config.embedding_dim, units=config.units, init_state=config.init_state
+            vocab_size=len(vocab),
+            feature_dim=inputs.feature_dim,
+            embedding_dim=config.embedding_dim,
+            units=config.units,
+            init_state=config.init_state,
         )
     )
-    run_root, storage_path, storage_filesystem = run_storage(config)
-    pin = input_pin(vocab, captions, train_ids, val_ids)
-    scored = val_sample(val_ids, config.val_images, config.seed)  # what rank 0 holds and scores each epoch
+    pin = input_pin(vocab, joined)
     resume = modeldir.latest_checkpoint(run_root, config.storage_options)
     if resume:
         changed = modeldir.pin_mismatch(modeldir.read_checkpoint_state(resume, config.storage_options), pin)
@@ -146,19 +201,18 @@ def run(config: TrainConfig) -> dict[str, Any]:
         settings=config,
         model=model_cfg,
         vocab_json=vocab.to_json(),
-        captions={i: [vocab.encode(c, length) for c in captions[i]] for i in train_ids},
-        val_captions={i: [vocab.encode(c, length) for c in captions[i]] for i in scored},
-        val_refs={i: captions[i] for i in scored},
         feature_mean=mean.tolist(),
         feature_std=std.tolist(),
-        total_steps=math.ceil(len(train_ids) / world / config.batch_size) * config.epochs,
+        total_steps=math.ceil(joined.train_images / world / config.batch_size) * config.epochs,
         threads=max(1, int(resources.get("CPU", 1)) // world),
         resume=resume,
         init_from=config.init_from,
         pin=pin,
         storage_options=config.storage_options,
         pieces=pieces,
-        val_pieces=val_pieces(inputs.groups, scored),
+        files=joined.files,
+        val_sample=joined.val_sample,
+        held_out=joined.held_out,
     )
     use_gpu, worker_cpus = plan_train_workers(node_shapes(), world, config.use_gpu)
     os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)  # a user's own setting wins
@@ -198,8 +252,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
             "feature_dtype": inputs.manifest.get("feature_dtype", "float16"),
             "preprocessing": inputs.manifest.get("preprocessing", "resize 299x299 bilinear, pixels/127.5 - 1"),
             "epochs": len(history),
-            "train_images": len(train_ids),
-            "val_images": len(val_ids),
+            "train_images": joined.train_images,
+            "val_images": joined.val_images,
         },
         metrics=history,
         storage_options=config.storage_options,

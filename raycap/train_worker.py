@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import resource
 import sys
 import tempfile
 import time
@@ -17,14 +18,15 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raycap import modeldir, schema, storage
+from raycap import modeldir, schema
 from raycap.config import TrainConfig
 from raycap.encoder import autocast, resolve_precision
 from raycap.ingest import caption_batch
 from raycap.metrics import caption_scores
 from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
-from raycap.pieces import Piece, WorkerFeatures, keep_ids, read_piece
+from raycap.pieces import Piece, WorkerFeatures, feature_array, read_piece, training_rows
 from raycap.text import Vocabulary
+from raycap.trainset import CAPTIONS, ValImage
 
 
 @dataclass
@@ -34,9 +36,6 @@ class WorkerConfig:
     settings: TrainConfig  # the user's hyper-parameters (epochs, batch size, learning rate, seed, ...)
     model: ModelConfig  # captioner sizes (vocabulary size from the built vocabulary)
     vocab_json: str  # the vocabulary, serialised (saved in every checkpoint)
-    captions: dict[str, list[list[int]]]  # train image id -> its encoded captions
-    val_captions: dict[str, list[list[int]]]  # val image id -> its encoded captions (val loss)
-    val_refs: dict[str, list[str]]  # val image id -> its reference captions (BLEU-4, CIDEr)
     feature_mean: list[float]  # (2048,) per-channel mean of the train features
     feature_std: list[float]  # (2048,) per-channel std of the train features
     total_steps: int  # optimizer steps over all epochs, for the cosine decay
@@ -46,7 +45,9 @@ class WorkerConfig:
     pin: dict[str, str] = field(default_factory=dict)  # digests of vocabulary, split, captions (in each checkpoint)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for features and `resume`
     pieces: list[Piece] = field(default_factory=list)  # the feature shards' pieces, dealt out afresh each epoch
-    val_pieces: list[Piece] = field(default_factory=list)  # the row groups holding the scored val images
+    files: list[tuple[str, str]] = field(default_factory=list)  # (feature file, captions file) by index
+    val_sample: list[ValImage] = field(default_factory=list)  # what validation scores (rank r: every world-th)
+    held_out: tuple[str, ...] = ()  # training images moved to val (a set too small for the hash to pick one)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -58,46 +59,79 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def _features(batch: pa.Table, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(schema.features_to_numpy(batch[schema.FEATURES]).astype(np.float32)).to(device)
+    return torch.from_numpy(feature_array(batch).astype(np.float32)).to(device)  # (B, 64, C)
+
+
+def encoded(batch: pa.Table, vocab: Vocabulary, length: int) -> dict[str, list[list[int]]]:
+    """A batch's captions as token ids by image id (the captions travel with the features, as text)."""
+    ids, caps = batch[schema.IMAGE_ID].to_pylist(), batch[CAPTIONS].to_pylist()
+    return {i: [vocab.encode(c, length) for c in cs] for i, cs in zip(ids, caps) if cs}
+
+
+def val_share(sample: list[ValImage], rank: int, world: int) -> list[ValImage]:
+    """The val images a rank holds and decodes: every world-th of the sample, so no rank waits on another's."""
+    return sample[rank::world]
+
+
+def read_val(cfg: WorkerConfig, share: list[ValImage]) -> list[pa.Table]:
+    """This rank's val images (image_id, features, split, captions) in batches of 64, read once."""
+    wanted: dict[tuple[int, int], list[int]] = {}
+    for image in share:
+        wanted.setdefault((image.file, image.row_group), []).append(image.row)
+    tables = []
+    for (file, group), rows in sorted(wanted.items()):
+        path, captions = cfg.files[file]
+        piece = Piece(path, captions, group, 0, max(rows) + 1)
+        columns = [schema.IMAGE_ID, schema.FEATURES]
+        tables.append(read_piece(piece, columns, cfg.storage_options).take(pa.array(sorted(rows))))
+    table = pa.concat_tables(tables) if tables else None
+    return [] if table is None else [table.slice(i, 64) for i in range(0, len(table), 64)]
 
 
 def validate(
-    model: Captioner,
-    val_batches: list[pa.Table],
-    captions: dict[str, list[list[int]]],
-    refs: dict[str, list[str]],
-    vocab: Vocabulary,
-    device: torch.device,
+    model: Captioner, val_batches: list[pa.Table], vocab: Vocabulary, length: int, device: torch.device, world: int
 ) -> dict[str, float]:
-    """Teacher-forced val loss, and BLEU-4 / CIDEr of free-running greedy captions over the whole val split."""
+    """Teacher-forced val loss, and BLEU-4 / CIDEr of free-running greedy captions of the val sample.
+
+    Each rank decodes its own share; the captions (a few KB) are gathered to every rank, and every rank scores
+    them alike: no rank idles at a collective while another scores.
+    """
     model.eval()
-    total, count, res = 0.0, 0, {}
+    total, count, res, refs = 0.0, 0.0, {}, {}
     with torch.no_grad():
         for batch in val_batches:
             ids = batch[schema.IMAGE_ID].to_pylist()
-            feats = _features(batch, device)  # (B, 64, 2048)
-            rows, caps, index, weights = caption_batch(ids, captions)
+            feats = _features(batch, device)  # (B, 64, C)
+            rows, caps, index, weights = caption_batch(ids, encoded(batch, vocab, length))
             if len(rows):
                 logits, alphas = model(feats[rows.to(device)], caps.to(device), index.to(device))
                 n = float(((caps[:, 1:] != 0).sum(1) * weights).sum())
                 total += float(caption_loss(logits, alphas, caps.to(device), weights=weights.to(device))) * n
                 count += n
             gen = greedy_search(model, feats, vocab.start_id, vocab.end_id, max_length=20)
-            for image_id, length, toks in zip(ids, gen.lengths.tolist(), gen.tokens.tolist()):
-                res[image_id] = " ".join(vocab.decode(toks[:length]))
-    metrics = {"val_loss": total / max(1, count)}
-    res = {k: v for k, v in res.items() if k in refs}
+            for image_id, n_words, toks in zip(ids, gen.lengths.tolist(), gen.tokens.tolist()):
+                res[image_id] = " ".join(vocab.decode(toks[:n_words]))
+            refs.update(zip(ids, batch[CAPTIONS].to_pylist()))
+    held = len(res)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, (total, count, res, refs))
+        total, count = sum(g[0] for g in gathered), sum(g[1] for g in gathered)
+        res = {k: v for g in gathered for k, v in g[2].items()}
+        refs = {k: v for g in gathered for k, v in g[3].items()}
+    metrics = {"val_loss": total / max(1.0, count), "val_images_held": held, "val_images_scored": len(res)}
     if res:
-        scores = caption_scores({k: refs[k] for k in res}, res, java=False)
+        scores = caption_scores(refs, res, java=False)
         metrics.update({"val_bleu4": scores["BLEU-4"], "val_cider": scores["CIDEr"]})
     return metrics
 
 
-def read_val(cfg: WorkerConfig, fs: Any) -> list[pa.Table]:
-    """The scored val images' features in batches of 64, read once by rank 0 (at most --val-images of them)."""
-    rows = [keep_ids(read_piece(fs, p, [schema.IMAGE_ID, schema.FEATURES]), cfg.val_refs) for p in cfg.val_pieces]
-    table = pa.concat_tables(rows) if rows else None
-    return [] if table is None else [table.slice(i, 64) for i in range(0, len(table), 64)]
+def peak_rss_mb(world: int, device: torch.device) -> float:
+    """The largest peak resident memory of any worker so far, in MB."""
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return round(float(peak.item()), 1)
 
 
 def more_batches(have: bool, world: int, device: torch.device) -> bool:
@@ -171,7 +205,7 @@ def optimizer_step(
 
 
 def train_loop_per_worker(cfg: WorkerConfig) -> None:
-    """One DDP worker: stream its share of the train features, pair them with their captions, learn."""
+    """One DDP worker: stream its share of the train features with their captions, learn, validate its share."""
     s = cfg.settings
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -189,11 +223,18 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
     precision = resolve_precision("auto", device)  # bf16 where native (GPUs, AVX512-BF16/AMX CPUs), else fp16/fp32
     scaler = loss_scaler(precision, device.type)
     world = ctx.get_world_size()
-    fs, _ = storage.filesystem(s.features, cfg.storage_options)
+    length = s.max_caption_length + 2
     train_features = WorkerFeatures(  # the training side: images with train captions
-        fs, cfg.pieces, lambda t: keep_ids(t, cfg.captions), rank, world, s.batch_size, s.seed, int(s.cache_gb * 2**30)
+        cfg.pieces,
+        lambda t: training_rows(t, cfg.held_out),
+        rank,
+        world,
+        s.batch_size,
+        s.seed,
+        int(s.cache_gb * 2**30),
+        cfg.storage_options,
     )
-    val_batches: list[pa.Table] | None = None  # at most --val-images images: read once, kept by rank 0
+    val_batches: list[pa.Table] | None = None  # this rank's share of the val sample: read once, kept
     run_started = time.time()  # for the ETA: the mean epoch of this run (validation included) times epochs left
     for epoch in range(start_epoch, s.epochs):
         model.train()
@@ -205,7 +246,8 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
             waited += time.time() - t
             if not more_batches(batch is not None, world, device):
                 break
-            rows, caps, index, weights = caption_batch(batch[schema.IMAGE_ID].to_pylist(), cfg.captions)
+            ids = batch[schema.IMAGE_ID].to_pylist()
+            rows, caps, index, weights = caption_batch(ids, encoded(batch, vocab, length))
             feats = _features(batch, device)[rows.to(device)]  # (M, 64, 2048)
             caps, index, weights = caps.to(device), index.to(device), weights.to(device)
             for group in optimizer.param_groups:
@@ -227,10 +269,11 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         }
         if resumed_from is not None:
             metrics["resumed_from_epoch"], resumed_from = resumed_from, None
+        if val_batches is None:
+            val_batches = read_val(cfg, val_share(cfg.val_sample, rank, world))
+        metrics.update(validate(core, val_batches, vocab, length, device, world))
+        metrics["worker_peak_rss_mb"] = peak_rss_mb(world, device)
         if rank == 0:
-            if val_batches is None:
-                val_batches = read_val(cfg, fs)
-            metrics.update(validate(core, val_batches, cfg.val_captions, cfg.val_refs, vocab, device))
             metrics["epoch_seconds"] = time.time() - started
             per_epoch = (time.time() - run_started) / (epoch - start_epoch + 1)
             metrics["eta_seconds"] = round(per_epoch * (s.epochs - epoch - 1))
