@@ -126,7 +126,8 @@ class WorkerFeatures:
     features and their captions side by side: no pipeline to start, no caption table in memory, the same cost
     per step at 10 thousand or 10 million images. Rows pass `keep` (the training side), then a shuffle buffer
     of SHUFFLE_PIECES pieces, seeded per epoch and rank. With `cache_bytes` > 0 and a share that fits, the
-    worker reads epoch 0's share into memory and reshuffles it locally every epoch; its share then stays fixed (as with a DistributedSampler that is not reseeded).
+    worker reads epoch 0's share into memory and reshuffles it locally every epoch; its share then stays fixed
+    (as with a DistributedSampler that is not reseeded).
     """
 
     def __init__(

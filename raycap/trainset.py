@@ -171,6 +171,7 @@ def join_bucket(
 
     `parts` are this bucket's tables from every scatter task, in task order (so captions keep the source order).
     """
+
     def of(kind: pa.Schema) -> pa.Table:
         tables = [t for t in parts if t.schema.names == kind.names]
         return pa.concat_tables(tables) if tables else kind.empty_table()
