@@ -59,12 +59,36 @@ def feature_files(config: TrainConfig) -> tuple[list[str], int, dict[str, Any]]:
 
 
 def _returns(refs: Any, n: int) -> list[Any]:
+    """A task's `n` return references as a list (Ray hands back a single reference when n is 1)."""
     return list(refs) if n > 1 else [refs]
+
+
+def _values(values: list[Any]) -> Any:
+    """A task's list of values as its `len(values)` returns (one return is the value itself, not a list)."""
+    return values if len(values) > 1 else values[0]
+
+
+def _scatter_features(files: list[tuple[int, str]], buckets: int, options: dict[str, Any]) -> Any:
+    return _values(trainset.scatter_features(files, buckets, options))
+
+
+def _scatter_split(split_file: str, buckets: int, options: dict[str, Any]) -> Any:
+    return _values(trainset.scatter_split(split_file, buckets, options))
 
 
 def _scatter_captions(chunk: ingest.CaptionChunk, buckets: int, options: dict[str, Any]) -> list[Any]:
     tables, count = trainset.scatter_captions(chunk, buckets, options)
     return [*tables, count]
+
+
+def _join_bucket(seed: int, use_split_file: bool, fraction: float, gathers: int, *parts: Any) -> Any:
+    return _values(trainset.join_bucket(list(parts), seed, use_split_file, fraction, gathers))
+
+
+def _gather_files(
+    files: dict[int, tuple[str, str]], sample: int, seed: int, options: dict[str, Any], *parts: Any
+) -> trainset.GatherResult:
+    return trainset.gather_files(list(parts), files, sample, seed, options)
 
 
 def _get(refs: list[Any]) -> list[Any]:
@@ -87,7 +111,7 @@ def build_trainset(config: TrainConfig, features: list[str], root: str) -> Train
     buckets = trainset.bucket_count(len(features))
     task = ray.remote(num_cpus=1)
     scatter = [
-        _returns(task(trainset.scatter_features).options(num_returns=buckets).remote(group, buckets, options), buckets)
+        _returns(task(_scatter_features).options(num_returns=buckets).remote(group, buckets, options), buckets)
         for group in trainset.scatter_groups(list(enumerate(features)))
     ]
     counted = [
@@ -96,7 +120,7 @@ def build_trainset(config: TrainConfig, features: list[str], root: str) -> Train
     ]
     scatter += [refs[:-1] for refs in counted]
     if config.split_file:
-        split = task(trainset.scatter_split).options(num_returns=buckets).remote(config.split_file, buckets, options)
+        split = task(_scatter_split).options(num_returns=buckets).remote(config.split_file, buckets, options)
         scatter.append(_returns(split, buckets))
     fraction = 1.0
     if config.max_captions is not None:
@@ -105,21 +129,21 @@ def build_trainset(config: TrainConfig, features: list[str], root: str) -> Train
     gathers = buckets
     joined = [
         _returns(
-            task(trainset.join_bucket)
+            task(_join_bucket)
             .options(num_returns=gathers)
-            .remote([refs[k] for refs in scatter], config.seed, bool(config.split_file), fraction, gathers),
+            .remote(config.seed, bool(config.split_file), fraction, gathers, *(refs[k] for refs in scatter)),
             gathers,
         )
         for k in range(buckets)
     ]
     results = _get(
         [
-            task(trainset.gather_files).remote(
-                [refs[g] for refs in joined],
+            task(_gather_files).remote(
                 {i: files[i] for i in range(g, len(files), gathers)},
                 config.val_images,
                 config.seed,
                 options,
+                *(refs[g] for refs in joined),
             )
             for g in range(gathers)
         ]
