@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import signal
 import threading
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from jobs import train as train_job
-from raycap import ingest, modeldir, schema, train, train_worker
+from raycap import ingest, modeldir, schema, train, train_worker, trainset
 from raycap.config import TrainConfig
 from raycap.model import Captioner, ModelConfig
 from raycap.text import Vocabulary
@@ -30,14 +32,60 @@ def test_caption_batch_sorts_by_length_and_indexes_images():
     assert weights.tolist() == [1, 1, 2]  # the repeated caption is decoded once, counted twice
 
 
-def test_split_is_by_image_and_seeded(tmp_path):
-    ids = [f"img_{i}.jpg" for i in range(100)]
-    tr, va = ingest.split_images(ids, None, seed=0)
-    assert va and not set(tr) & set(va) and set(tr) | set(va) == set(ids)
-    assert ingest.split_images(list(reversed(ids)), None, seed=0) == (tr, va)  # stable: order does not matter
+def _feature_store(root: Path, files: int, rows: int) -> list[str]:
+    """`files` feature files of `rows` images each (tiny features: only the ids matter to the join)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in range(files):
+        ids = [f"img_{f * rows + k}.jpg" for k in range(rows)]
+        pq.write_table(pa.table({schema.IMAGE_ID: ids}), root / f"{f:05d}.parquet", row_group_size=max(1, rows // 3))
+        paths.append(str(root / f"{f:05d}.parquet"))
+    return paths
+
+
+def _join(paths: list[str], captions: str, out: Path, buckets: int, split_file: str | None = None, sample: int = 8):
+    """trainset.py's scatter, join and gather in this process, as train.py runs them in Ray tasks."""
+    files = [(p, trainset.captions_path(str(out), p)) for p in paths]
+    indexed = list(enumerate(paths))
+    scattered = [trainset.scatter_features(g, buckets) for g in trainset.scatter_groups(indexed)]
+    scattered += [trainset.scatter_captions(c, buckets)[0] for c in ingest.caption_chunks(captions)]
+    if split_file:
+        scattered.append(trainset.scatter_split(split_file, buckets))
+    joined = [
+        trainset.join_bucket([s[k] for s in scattered], 0, bool(split_file), 1.0, buckets) for k in range(buckets)
+    ]
+    results = [
+        trainset.gather_files([j[g] for j in joined], {i: files[i] for i in range(g, len(files), buckets)}, sample, 0)
+        for g in range(buckets)
+    ]
+    return trainset.merge(results, files, sample)
+
+
+def _sides(joined: trainset.TrainSet) -> dict[str, int]:
+    tables = [pq.read_table(captions) for _, captions in joined.files]
+    return {i: s for t in tables for i, s in zip(t[schema.IMAGE_ID].to_pylist(), t[trainset.SPLIT].to_pylist())}
+
+
+def test_the_split_is_data_stable_across_task_counts_and_a_split_file_is_reproduced_exactly(tmp_path):
+    paths = _feature_store(tmp_path / "features", files=3, rows=40)
+    csv = tmp_path / "captions.csv"
+    csv.write_text("file_name,caption\n" + "".join(f"img_{k}.jpg,a red circle {k % 7}\n" for k in range(120)))
+    one = _join(paths, str(csv), tmp_path / "one", buckets=1)
+    three = _join(paths, str(csv), tmp_path / "three", buckets=3)
+    assert _sides(one) == _sides(three)  # the same split, captions files and counts whatever the tasks
+    assert one.digests == three.digests and one.words == three.words and one.val_sample == three.val_sample
+    assert one.train_images + one.val_images == 120 and 0 < one.val_images < 20
+    sides = _sides(one)
+    assert all(s == ingest.hash_side(i, 0) for i, s in sides.items())  # each image's own hash, nothing else
+    assert [pq.ParquetFile(c).metadata.num_rows for _, c in one.files] == [40, 40, 40]  # row for row
+    assert one.groups == [[13, 13, 13, 1]] * 3  # the feature files' row groups, from the join itself
     splits = tmp_path / "splits.json"
-    splits.write_text(json.dumps({"train": ids[:10] + ["unknown.jpg"], "val": ids[10:12]}))
-    assert ingest.split_images(ids, str(splits), 0) == (ids[:10], ids[10:12])
+    train_ids, val_ids = [f"img_{k}.jpg" for k in range(0, 60)], [f"img_{k}.jpg" for k in range(100, 110)]
+    splits.write_text(json.dumps({"train": [*train_ids, "unknown.jpg"], "val": val_ids}))
+    given = _sides(_join(paths, str(csv), tmp_path / "given", buckets=2, split_file=str(splits)))
+    assert sorted(i for i, s in given.items() if s == ingest.TRAIN) == sorted(train_ids)
+    assert sorted(i for i, s in given.items() if s == ingest.VAL) == sorted(val_ids)
+    assert sum(s == ingest.EXCLUDED for s in given.values()) == 50  # images the file does not name
 
 
 def test_load_captions_from_coco_csv_and_parquet(tmp_path):
@@ -56,12 +104,20 @@ def test_load_captions_from_coco_csv_and_parquet(tmp_path):
     assert ingest.load_captions(str(csv)) == {"b.jpg": ["a cat", "two cats"]}
     parquet = tmp_path / "c.parquet"
     pq.write_table(pa.table({"path": ["d/e.jpg"] * 10, "caption": [str(i) for i in range(10)]}), parquet)
-    subset = ingest.load_captions(str(parquet), max_captions=4, seed=1)
-    assert len(subset["d/e.jpg"]) == 4 and subset == ingest.load_captions(str(parquet), max_captions=4, seed=1)
+    assert len(ingest.load_captions(str(parquet))["d/e.jpg"]) == 10
     bad = tmp_path / "bad.csv"
     bad.write_text("name,text\nx,y\n")
     with pytest.raises(ValueError, match="needs columns"):
         ingest.load_captions(str(bad))
+
+
+def test_max_captions_keeps_a_seeded_share_whatever_the_tasks():
+    rows = pa.table([[f"i{k % 500}" for k in range(5000)], [f"c{k}" for k in range(5000)]], schema=ingest.CAPTION_ROWS)
+    kept = trainset._kept(rows, seed=1, fraction=0.2)
+    assert abs(len(kept) - 1000) < 4 * (5000 * 0.2 * 0.8) ** 0.5  # about the share asked for
+    halves = [trainset._kept(rows.slice(0, 2500), 1, 0.2), trainset._kept(rows.slice(2500), 1, 0.2)]
+    assert pa.concat_tables(halves).equals(kept)  # a caption's fate is its own: tasks cut anywhere agree
+    assert not trainset._kept(rows, seed=2, fraction=0.2).equals(kept)
 
 
 def test_optimizer_state_round_trips_through_safetensors():
@@ -270,22 +326,30 @@ def test_captions_from_the_text_kept_in_feature_rows(tmp_path):
 
 def test_hash_split_is_stable_as_images_are_added_disjoint_and_about_5_percent():
     ids = [f"shard-{k // 1000}/img_{k}.jpg" for k in range(20_000)]
-    tr, va = ingest.split_images(ids, None, seed=3)
-    assert not set(tr) & set(va) and len(tr) + len(va) == len(ids)
+    va = {i for i in ids if ingest.hash_side(i, 3) == ingest.VAL}
     assert abs(len(va) / len(ids) - ingest.VAL_FRACTION) < 0.006  # 4 standard deviations at n = 20,000
-    half_tr, half_va = ingest.split_images(ids[::2], None, seed=3)  # e.g. before an incremental extract
-    assert set(half_va) == set(va) & set(ids[::2]) and set(half_tr) == set(tr) & set(ids[::2])
-    assert ingest.split_images(ids, None, seed=4)[1] != va  # seeded
+    assert {i for i in ids[::2] if ingest.hash_side(i, 3) == ingest.VAL} == va & set(ids[::2])  # images added later
+    assert {i for i in ids if ingest.hash_side(i, 4) == ingest.VAL} != va  # seeded
 
 
-def test_val_sample_is_bounded_seeded_and_within_the_split():
-    small = [f"v{k}" for k in range(40)]
-    assert train.val_sample(small, 64, seed=0) == sorted(small)  # a small split is scored whole
+def _gathered(val: int, train: int) -> trainset.GatherResult:
+    images = [trainset.ValImage(ingest.sample_key(f"v{k}", 0), f"v{k}", 0, 0, k) for k in range(val)]
+    summary = trainset.FileSummary(0, [val + train], train, val, {"split": "s", "captions": "c"})
+    return trainset.GatherResult([summary], Counter(), heapq.nsmallest(64, images, key=lambda v: v.key), None)
+
+
+def test_validation_holds_and_scores_a_bounded_sample_however_large_the_val_split():
+    """--val-images 64: the driver keeps 64 images whether the split holds 1,000 or 10,000 (counted), the sample
+    is the split's 64 smallest seeded keys, and each of 2 ranks holds and decodes its own half of it."""
     for n in (1_000, 10_000):
-        split = [f"v{k}" for k in range(n)]
-        sample = train.val_sample(split, 64, seed=0)
-        assert len(sample) == 64 and set(sample) <= set(split)
-        assert sample == train.val_sample(list(reversed(split)), 64, seed=0)  # seeded, order-independent
+        joined = trainset.merge([_gathered(n // 2, 10), _gathered(n - n // 2, 10)], [("f", "c")], sample=64)
+        assert len(joined.val_sample) == 64 and joined.val_images == n
+        shares = [train_worker.val_share(joined.val_sample, rank, 2) for rank in range(2)]
+        assert [len(s) for s in shares] == [32, 32] and {v.image_id for s in shares for v in s} == {
+            v.image_id for v in joined.val_sample
+        }
+    small = trainset.merge([_gathered(40, 10)], [("f", "c")], sample=64)
+    assert len(small.val_sample) == 40  # a small split is scored whole
 
 
 @pytest.fixture(scope="module")
@@ -348,11 +412,10 @@ def test_train_on_a_stores_own_text_learns_as_well_as_from_a_captions_file(store
     expected = {i: [first[n]] for i, n in ids.items()}
     assert ingest.load_captions(store_models["features"]) == ingest.load_captions(str(store_models["csv"])) == expected
     pins = []
-    for captions in (store_models["features"], str(store_models["csv"])):
+    for k, captions in enumerate((store_models["features"], str(store_models["csv"]))):
         config = TrainConfig(store_models["features"], captions, store_models["model"] + "-pin", seed=3)
-        inputs = train.read_inputs(config)
-        vocab = Vocabulary.build((c for i in inputs.train_ids for c in inputs.captions[i]), config.vocab_size)
-        pins.append(train.input_pin(vocab, inputs.captions, inputs.train_ids, inputs.val_ids))
+        joined = train.read_inputs(config, store_models["model"] + f"-pin{k}").trainset
+        pins.append(train.input_pin(Vocabulary.from_counts(joined.words, config.vocab_size), joined))
     assert (
         pins[0]
         == pins[1]
