@@ -203,3 +203,41 @@ def generate(
         "split_sizes": {split: len(files) for split, files in splits.items()},
         "seed": seed,
     }
+
+
+def write_captioned_features(
+    root: str,
+    images: int,
+    captions: int = 1,
+    dim: int = 8,
+    per_file: int = 10_000,
+    row_group: int = 1000,
+    seed: int = 0,
+) -> None:
+    """A captioned feature set of any size for the training scale tests and benches: `root`/features/*.parquet
+    (random 64 x `dim` float16 features, `per_file` rows a file in row groups of `row_group`) and
+    `root`/captions.csv (`captions` per image: the canonical caption, then paraphrases). Reduced features
+    (`dim` < 2048) keep millions of images on one disk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raycap import schema
+
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, schema.FEATURES_DIR)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(root, "captions.csv"), "w") as out:
+        out.write("file_name,caption\n")
+        for f, start in enumerate(range(0, images, per_file)):
+            n = min(per_file, images - start)
+            ids = [f"{f:05d}/{file_name(start + k)}" for k in range(n)]
+            features = rng.standard_normal((n, schema.NUM_REGIONS, dim), dtype=np.float32)
+            columns = [ids, ids, schema.features_to_arrow(features), pa.array([299] * n, pa.int32())]
+            table = pa.table([*columns, columns[-1]], schema=schema.features_schema("float16", dim))
+            pq.write_table(table, os.path.join(folder, f"{f:05d}.parquet"), row_group_size=row_group)
+            kinds = rng.integers(0, len(SHAPES) * len(COLOURS), n)
+            for image_id, kind in zip(ids, kinds.tolist()):
+                shape, colour = SHAPES[kind % len(SHAPES)], COLOURS[kind // len(SHAPES)]
+                objects = [SynthObject(shape, colour, "left", (0.0, 0.0, 1.0, 1.0))]
+                for caption in [canonical_caption(objects), *paraphrases(objects)][:captions]:
+                    out.write(f"{image_id},{caption}\n")

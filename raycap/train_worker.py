@@ -235,6 +235,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         cfg.storage_options,
     )
     val_batches: list[pa.Table] | None = None  # this rank's share of the val sample: read once, kept
+    setup_rss = peak_rss_mb(world, device)  # what a worker holds before its first step: the data's share of it
     run_started = time.time()  # for the ETA: the mean epoch of this run (validation included) times epochs left
     for epoch in range(start_epoch, s.epochs):
         model.train()
@@ -272,7 +273,7 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         if val_batches is None:
             val_batches = read_val(cfg, val_share(cfg.val_sample, rank, world))
         metrics.update(validate(core, val_batches, vocab, length, device, world))
-        metrics["worker_peak_rss_mb"] = peak_rss_mb(world, device)
+        metrics["worker_setup_rss_mb"], metrics["worker_peak_rss_mb"] = setup_rss, peak_rss_mb(world, device)
         if rank == 0:
             metrics["epoch_seconds"] = time.time() - started
             per_epoch = (time.time() - run_started) / (epoch - start_epoch + 1)
