@@ -76,8 +76,8 @@ def _scatter_split(split_file: str, buckets: int, options: dict[str, Any]) -> An
     return _values(trainset.scatter_split(split_file, buckets, options))
 
 
-def _scatter_captions(chunk: ingest.CaptionChunk, buckets: int, options: dict[str, Any]) -> list[Any]:
-    tables, count = trainset.scatter_captions(chunk, buckets, options)
+def _scatter_captions(chunks: list[ingest.CaptionChunk], buckets: int, options: dict[str, Any]) -> list[Any]:
+    tables, count = trainset.scatter_captions(chunks, buckets, options)
     return [*tables, count]
 
 
@@ -116,7 +116,7 @@ def build_trainset(config: TrainConfig, features: list[str], root: str) -> Train
     ]
     counted = [
         _returns(task(_scatter_captions).options(num_returns=buckets + 1).remote(c, buckets, options), buckets + 1)
-        for c in chunks
+        for c in trainset.scatter_groups(chunks)
     ]
     scatter += [refs[:-1] for refs in counted]
     if config.split_file:
@@ -190,8 +190,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) and write the model directory; returns the final metrics."""
     config.validate()
     run_root, storage_path, storage_filesystem = run_storage(config)
+    started = time.time()
     inputs = read_inputs(config, storage.join(run_root, TRAINSET_DIR))
     joined = inputs.trainset
+    print(
+        f"train: {joined.train_images:,} train and {joined.val_images:,} val images with captions "
+        f"({len(joined.val_sample):,} val images scored each epoch), joined in {time.time() - started:.1f}s",
+        flush=True,
+    )
     source = modeldir.load_model_dir(config.init_from, config.storage_options) if config.init_from else None
     vocab = source.vocab if source else Vocabulary.from_counts(joined.words, config.vocab_size)
     world = config.workers

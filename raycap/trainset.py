@@ -22,7 +22,7 @@ import posixpath
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,7 @@ FEATURE_ROWS = pa.schema(
 CAPTIONS_FILE = pa.schema([(schema.IMAGE_ID, pa.string()), (SPLIT, pa.int8()), (CAPTIONS, pa.list_(pa.string()))])
 JOINED = pa.schema([(FILE, pa.int32()), (ROW_GROUP, pa.int32()), (ROW, pa.int32()), *CAPTIONS_FILE])
 FILES_PER_BUCKET = 512  # feature files per join (and gather) task: ~130 k images at extract's 256 a file
+T = TypeVar("T")
 MAX_BUCKETS = 256  # join tasks, and gather tasks, at most
 FILES_PER_SCATTER = 64  # feature files whose image ids one scatter task reads
 
@@ -107,8 +108,8 @@ def bucket_count(files: int) -> int:
     return max(1, min(MAX_BUCKETS, -(-files // FILES_PER_BUCKET)))
 
 
-def scatter_groups(files: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
-    """The feature files cut into the groups that scatter tasks read."""
+def scatter_groups(files: list[T]) -> list[list[T]]:
+    """Feature files (or the caption chunks of kept text, a file each) cut into the groups scatter tasks read."""
     return [files[i : i + FILES_PER_SCATTER] for i in range(0, len(files), FILES_PER_SCATTER)]
 
 
@@ -145,10 +146,10 @@ def scatter_features(
 
 
 def scatter_captions(
-    chunk: CaptionChunk, buckets: int, storage_options: dict[str, Any] | None = None
+    chunks: list[CaptionChunk], buckets: int, storage_options: dict[str, Any] | None = None
 ) -> tuple[list[pa.Table], int]:
-    """A caption chunk's (image_id, caption) rows cut into buckets, and how many there are."""
-    tables = list(read_caption_chunk(chunk, storage_options))
+    """The (image_id, caption) rows of some caption chunks cut into buckets, and how many there are."""
+    tables = [t for chunk in chunks for t in read_caption_chunk(chunk, storage_options)]
     table = pa.concat_tables(tables) if tables else CAPTION_ROWS.empty_table()
     return _buckets(table, buckets), len(table)
 
