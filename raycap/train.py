@@ -77,12 +77,19 @@ def _scatter_split(split_file: str, buckets: int, options: dict[str, Any]) -> An
 
 
 def _scatter_captions(chunks: list[ingest.CaptionChunk], buckets: int, options: dict[str, Any]) -> list[Any]:
-    tables, count = trainset.scatter_captions(chunks, buckets, options)
-    return [*tables, count]
+    """Each bucket's rows as a list of object references, put a source batch at a time, then the row count."""
+    refs: list[list[Any]] = [[] for _ in range(buckets)]
+    count = 0
+    for tables in trainset.scatter_captions(chunks, buckets, options):
+        for bucket, table in zip(refs, tables):
+            bucket.append(ray.put(table))
+        count += sum(len(t) for t in tables)
+    return [*refs, count]
 
 
 def _join_bucket(seed: int, use_split_file: bool, fraction: float, gathers: int, *parts: Any) -> Any:
-    return _values(trainset.join_bucket(list(parts), seed, use_split_file, fraction, gathers))
+    tables = [t for p in parts for t in (ray.get(p) if isinstance(p, list) else [p])]  # a source's batches
+    return _values(trainset.join_bucket(tables, seed, use_split_file, fraction, gathers))
 
 
 def _gather_files(

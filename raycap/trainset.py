@@ -21,6 +21,7 @@ import json
 import posixpath
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -147,11 +148,12 @@ def scatter_features(
 
 def scatter_captions(
     chunks: list[CaptionChunk], buckets: int, storage_options: dict[str, Any] | None = None
-) -> tuple[list[pa.Table], int]:
-    """The (image_id, caption) rows of some caption chunks cut into buckets, and how many there are."""
-    tables = [t for chunk in chunks for t in read_caption_chunk(chunk, storage_options)]
-    table = pa.concat_tables(tables) if tables else CAPTION_ROWS.empty_table()
-    return _buckets(table, buckets), len(table)
+) -> Iterator[list[pa.Table]]:
+    """The (image_id, caption) rows of some caption chunks cut into buckets, a source batch at a time (a big
+    captions file is never whole in the task that reads it)."""
+    for chunk in chunks:
+        for table in read_caption_chunk(chunk, storage_options):
+            yield _buckets(table, buckets)
 
 
 def scatter_split(split_file: str, buckets: int, storage_options: dict[str, Any] | None = None) -> list[pa.Table]:
@@ -170,7 +172,8 @@ def join_bucket(
 ) -> list[pa.Table]:
     """One bucket's feature rows with their captions and side, cut into the `gathers` groups of files.
 
-    `parts` are this bucket's tables from every scatter task, in task order (so captions keep the source order).
+    `parts` are this bucket's tables from every scatter task, in task order (so captions keep the source order);
+    a caption source's come batch by batch.
     """
 
     def of(kind: pa.Schema) -> pa.Table:

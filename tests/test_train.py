@@ -48,7 +48,8 @@ def _join(paths: list[str], captions: str, out: Path, buckets: int, split_file: 
     files = [(p, trainset.captions_path(str(out), p)) for p in paths]
     indexed = list(enumerate(paths))
     scattered = [trainset.scatter_features(g, buckets) for g in trainset.scatter_groups(indexed)]
-    scattered += [trainset.scatter_captions([c], buckets)[0] for c in ingest.caption_chunks(captions)]
+    for batch in trainset.scatter_captions(ingest.caption_chunks(captions), buckets):
+        scattered.append(batch)
     if split_file:
         scattered.append(trainset.scatter_split(split_file, buckets))
     joined = [
