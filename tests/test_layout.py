@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raycap"
-RAY_MODULES = {"pipeline", "resources", "session", "extract", "caption", "train", "train_worker", "cli", "demo"}
+RAY_MODULES = {
+    "pipeline",
+    "resources",
+    "session",
+    "extract",
+    "caption",
+    "joiner",
+    "train",
+    "train_worker",
+    "cli",
+    "demo",
+}
 
 
 def _imports(path: Path) -> set[str]:
