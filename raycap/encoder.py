@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import io
 import os
+import tempfile
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext, redirect_stdout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,7 @@ from raycap.schema import FEATURE_DIM, NUM_REGIONS
 WEIGHT_CHOICES = ("imagenet", "random", "a path or URI of a state dict (.safetensors or .pt/.pth)")
 RANDOM_SEED = 0  # `random` weights are a pure function of this seed: every run builds the same encoder
 _CALIBRATION_IMAGES = 16  # images of the random trunk's calibration pass (with 4 the demo learned less)
+CACHE_ENV = "RAYCAP_CACHE_DIR"  # where the random trunk is kept between commands (default ~/.cache/raycap)
 _LAST_CONV = "Mixed_7c"
 _HEAD = ("AuxLogits", "avgpool", "dropout", "fc")
 
@@ -126,11 +131,58 @@ def _skeleton(init: bool = True) -> nn.Module:
 
 @functools.cache
 def _random_weights() -> EncoderWeights:
-    """The seeded, calibrated random trunk (3-4 s of CPU), built once per process and shipped like any other
-    weights: no actor repeats the work, nor does a second job in the same process (a test session, a notebook)."""
+    """The seeded, calibrated random trunk, built once per process and shipped like any other weights: no actor
+    repeats the work, nor does a second job in the same process (a test session, a notebook). Building it takes
+    ~12 s of CPU on 2 cores (most of a small command's), so it is also kept in a cache file between commands
+    (see random_cache_path); an unreadable one is built anew."""
+    path = random_cache_path()
+    try:
+        data = path.read_bytes()
+        load_safetensors(data)  # a file that is not whole is built anew
+        return EncoderWeights("random", data)
+    except Exception:  # noqa: BLE001 - missing, unreadable or corrupt: build it
+        pass
+    weights = EncoderWeights("random", _build_random())
+    _write_cache(path, weights.safetensors)
+    return weights
+
+
+def _build_random() -> bytes:
+    """The seeded random trunk, calibrated, as safetensors bytes: a pure function of this module's code, the
+    seed, torch's and torchvision's versions and the CPU it runs on."""
     trunk = _trunk_of(_skeleton())
     _calibrate_random(trunk)
-    return EncoderWeights("random", save_safetensors({k: v.contiguous() for k, v in trunk.state_dict().items()}))
+    return save_safetensors({k: v.contiguous() for k, v in trunk.state_dict().items()})
+
+
+def random_cache_path() -> Path:
+    """The cache file of the random trunk: named by everything its bytes depend on (this module's source, the
+    seed, torch's and torchvision's versions, the CPU and torch's threads), so a change to any builds it anew."""
+    import torchvision
+
+    key = hashlib.sha256(Path(__file__).read_bytes())
+    facts = (RANDOM_SEED, torch.__version__, torchvision.__version__, cpu_description(), torch.get_num_threads())
+    key.update(repr(facts).encode())
+    folder = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raycap"
+    )
+    return Path(folder) / f"random-inception-v3-{key.hexdigest()[:16]}.safetensors"
+
+
+def _write_cache(path: Path, data: bytes) -> None:
+    """Write the cache file atomically (a concurrent command reads a whole file or none); a folder that cannot be
+    written only costs the next command the build."""
+    temp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    except OSError:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
 
 def resolve_weights(spec: str, storage_options: dict[str, Any] | None = None) -> EncoderWeights:

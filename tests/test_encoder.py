@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from safetensors.torch import save as save_safetensors
 
 from raycap import encoder
 from raycap.encoder import FeatureExtractor, autocast, preprocess, resolve_precision, select_precision
@@ -36,6 +37,23 @@ def test_random_encoder_is_deterministic_and_well_scaled(extractor):
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # another actor builds the same encoder
     assert torch.isfinite(a.half()).all()  # fits float16 storage
     assert a.min() >= 0  # Mixed_7c ends in ReLUs
+
+
+def test_random_trunk_cache_holds_the_built_bytes_and_a_bad_file_is_built_anew(tmp_path, monkeypatch):
+    """The cache file is the build's bytes, bit for bit (the demo's figures depend on them); a command that finds
+    it reads it; a file that is not whole is replaced by a build."""
+    monkeypatch.setenv(encoder.CACHE_ENV, str(tmp_path))
+    built = encoder._random_weights.__wrapped__()  # no file yet: built, then written
+    path = encoder.random_cache_path()
+    assert path.parent == tmp_path and path.read_bytes() == built.safetensors
+    assert encoder._build_random() == built.safetensors  # a second build gives the same bytes
+    monkeypatch.setattr(encoder, "_build_random", lambda: pytest.fail("built despite the cache file"))
+    assert encoder._random_weights.__wrapped__() == built
+    path.write_bytes(built.safetensors[:1000])  # cut short (by a full disk, or by hand)
+    stand_in = save_safetensors({"x": torch.zeros(1)})
+    monkeypatch.setattr(encoder, "_build_random", lambda: stand_in)
+    assert encoder._random_weights.__wrapped__().safetensors == stand_in == path.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
 
 
 def test_channels_last_and_batching_do_not_change_features(extractor):
