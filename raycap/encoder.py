@@ -116,11 +116,13 @@ class EncoderWeights:
 
 
 def _skeleton(init: bool = True) -> nn.Module:
-    """torchvision's InceptionV3; `init`: its seeded random initialisation, else uninitialised (to be loaded)."""
+    """torchvision's InceptionV3; `init`: its seeded random initialisation, else uninitialised on the meta device
+    (to be loaded with `assign=True`)."""
     import torchvision  # here, not at the top: the training workers use this module's precision helpers only
 
-    if not init:
-        return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    if not init:  # on the meta device: no memory, no initialisation (every tensor the trunk keeps is loaded)
+        with torch.device("meta"):
+            return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(RANDOM_SEED)
     try:
@@ -158,10 +160,11 @@ def _build_random() -> bytes:
 def random_cache_path() -> Path:
     """The cache file of the random trunk: named by everything its bytes depend on (this module's source, the
     seed, torch's and torchvision's versions, the CPU and torch's threads), so a change to any builds it anew."""
-    import torchvision
+    from raycap.versions import installed_version
 
     key = hashlib.sha256(Path(__file__).read_bytes())
-    facts = (RANDOM_SEED, torch.__version__, torchvision.__version__, cpu_description(), torch.get_num_threads())
+    vision = installed_version("torchvision")  # not imported: a command that finds the file never needs it
+    facts = (RANDOM_SEED, torch.__version__, vision, cpu_description(), torch.get_num_threads())
     key.update(repr(facts).encode())
     folder = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raycap"
@@ -234,7 +237,7 @@ def _inception_trunk(weights: EncoderWeights | str) -> nn.Sequential:
     if isinstance(weights, str):
         weights = resolve_weights(weights)
     full = _skeleton(init=False)
-    full.load_state_dict(load_safetensors(weights.safetensors), strict=False)
+    full.load_state_dict(load_safetensors(weights.safetensors), strict=False, assign=True)
     return _trunk_of(full)
 
 
@@ -271,6 +274,23 @@ def _calibrate_random(trunk: nn.Sequential) -> None:
     trunk.eval()
 
 
+def _fold_batchnorms(trunk: nn.Sequential) -> nn.Sequential:
+    """Fold each BatchNorm into the convolution before it (in place, eval mode): exact, and one pass less over
+    each activation. InceptionV3's every BatchNorm sits in a BasicConv2d (conv, bn, ReLU); the fold is
+    torch.fx's `fuse` without tracing the model or copying it (same function, same numbers)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in trunk.modules():
+        if isinstance(getattr(module, "bn", None), nn.BatchNorm2d) and isinstance(
+            getattr(module, "conv", None), nn.Conv2d
+        ):
+            module.conv = fuse_conv_bn_eval(module.conv, module.bn)
+            module.bn = nn.Identity()
+    if any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules()):
+        raise RuntimeError("a BatchNorm outside InceptionV3's BasicConv2d was left unfolded")
+    return trunk
+
+
 class FeatureExtractor:
     """uint8 images in, (B, 64, 2048) region features out; the model lives on one device in one layout."""
 
@@ -287,11 +307,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
         if isinstance(weights, str):
             weights = resolve_weights(weights)
-        trunk = _inception_trunk(weights)
-        # Fold each BatchNorm into its convolution: exact in eval mode, and one pass less over each activation.
-        from torch.fx.experimental.optimization import fuse
-
-        trunk = fuse(trunk.eval()).to(self.device)
+        trunk = _fold_batchnorms(_inception_trunk(weights).eval()).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.trunk = trunk.to(memory_format=self.memory_format)  # channels_last: oneDNN's and cuDNN's fast layout
 
