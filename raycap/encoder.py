@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import io
 import os
+import tempfile
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext, redirect_stdout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,7 @@ from raycap.schema import FEATURE_DIM, NUM_REGIONS
 WEIGHT_CHOICES = ("imagenet", "random", "a path or URI of a state dict (.safetensors or .pt/.pth)")
 RANDOM_SEED = 0  # `random` weights are a pure function of this seed: every run builds the same encoder
 _CALIBRATION_IMAGES = 16  # images of the random trunk's calibration pass (with 4 the demo learned less)
+CACHE_ENV = "RAYCAP_CACHE_DIR"  # where the random trunk is kept between commands (default ~/.cache/raycap)
 _LAST_CONV = "Mixed_7c"
 _HEAD = ("AuxLogits", "avgpool", "dropout", "fc")
 
@@ -111,11 +116,13 @@ class EncoderWeights:
 
 
 def _skeleton(init: bool = True) -> nn.Module:
-    """torchvision's InceptionV3; `init`: its seeded random initialisation, else uninitialised (to be loaded)."""
+    """torchvision's InceptionV3; `init`: its seeded random initialisation, else uninitialised on the meta device
+    (to be loaded with `assign=True`)."""
     import torchvision  # here, not at the top: the training workers use this module's precision helpers only
 
-    if not init:
-        return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    if not init:  # on the meta device: no memory, no initialisation (every tensor the trunk keeps is loaded)
+        with torch.device("meta"):
+            return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(RANDOM_SEED)
     try:
@@ -126,11 +133,59 @@ def _skeleton(init: bool = True) -> nn.Module:
 
 @functools.cache
 def _random_weights() -> EncoderWeights:
-    """The seeded, calibrated random trunk (3-4 s of CPU), built once per process and shipped like any other
-    weights: no actor repeats the work, nor does a second job in the same process (a test session, a notebook)."""
+    """The seeded, calibrated random trunk, built once per process and shipped like any other weights: no actor
+    repeats the work, nor does a second job in the same process (a test session, a notebook). Building it takes
+    ~12 s of CPU on 2 cores (most of a small command's), so it is also kept in a cache file between commands
+    (see random_cache_path); an unreadable one is built anew."""
+    path = random_cache_path()
+    try:
+        data = path.read_bytes()
+        load_safetensors(data)  # a file that is not whole is built anew
+        return EncoderWeights("random", data)
+    except Exception:  # noqa: BLE001 - missing, unreadable or corrupt: build it
+        pass
+    weights = EncoderWeights("random", _build_random())
+    _write_cache(path, weights.safetensors)
+    return weights
+
+
+def _build_random() -> bytes:
+    """The seeded random trunk, calibrated, as safetensors bytes: a pure function of this module's code, the
+    seed, torch's and torchvision's versions and the CPU it runs on."""
     trunk = _trunk_of(_skeleton())
     _calibrate_random(trunk)
-    return EncoderWeights("random", save_safetensors({k: v.contiguous() for k, v in trunk.state_dict().items()}))
+    return save_safetensors({k: v.contiguous() for k, v in trunk.state_dict().items()})
+
+
+def random_cache_path() -> Path:
+    """The cache file of the random trunk: named by everything its bytes depend on (this module's source, the
+    seed, torch's and torchvision's versions, the CPU and torch's threads), so a change to any builds it anew."""
+    from raycap.versions import installed_version
+
+    key = hashlib.sha256(Path(__file__).read_bytes())
+    vision = installed_version("torchvision")  # not imported: a command that finds the file never needs it
+    facts = (RANDOM_SEED, torch.__version__, vision, cpu_description(), torch.get_num_threads())
+    key.update(repr(facts).encode())
+    folder = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raycap"
+    )
+    return Path(folder) / f"random-inception-v3-{key.hexdigest()[:16]}.safetensors"
+
+
+def _write_cache(path: Path, data: bytes) -> None:
+    """Write the cache file atomically (a concurrent command reads a whole file or none); a folder that cannot be
+    written only costs the next command the build."""
+    temp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    except OSError:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
 
 def resolve_weights(spec: str, storage_options: dict[str, Any] | None = None) -> EncoderWeights:
@@ -182,7 +237,7 @@ def _inception_trunk(weights: EncoderWeights | str) -> nn.Sequential:
     if isinstance(weights, str):
         weights = resolve_weights(weights)
     full = _skeleton(init=False)
-    full.load_state_dict(load_safetensors(weights.safetensors), strict=False)
+    full.load_state_dict(load_safetensors(weights.safetensors), strict=False, assign=True)
     return _trunk_of(full)
 
 
@@ -219,6 +274,23 @@ def _calibrate_random(trunk: nn.Sequential) -> None:
     trunk.eval()
 
 
+def _fold_batchnorms(trunk: nn.Sequential) -> nn.Sequential:
+    """Fold each BatchNorm into the convolution before it (in place, eval mode): exact, and one pass less over
+    each activation. InceptionV3's every BatchNorm sits in a BasicConv2d (conv, bn, ReLU); the fold is
+    torch.fx's `fuse` without tracing the model or copying it (same function, same numbers)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in trunk.modules():
+        if isinstance(getattr(module, "bn", None), nn.BatchNorm2d) and isinstance(
+            getattr(module, "conv", None), nn.Conv2d
+        ):
+            module.conv = fuse_conv_bn_eval(module.conv, module.bn)
+            module.bn = nn.Identity()
+    if any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules()):
+        raise RuntimeError("a BatchNorm outside InceptionV3's BasicConv2d was left unfolded")
+    return trunk
+
+
 class FeatureExtractor:
     """uint8 images in, (B, 64, 2048) region features out; the model lives on one device in one layout."""
 
@@ -235,11 +307,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
         if isinstance(weights, str):
             weights = resolve_weights(weights)
-        trunk = _inception_trunk(weights)
-        # Fold each BatchNorm into its convolution: exact in eval mode, and one pass less over each activation.
-        from torch.fx.experimental.optimization import fuse
-
-        trunk = fuse(trunk.eval()).to(self.device)
+        trunk = _fold_batchnorms(_inception_trunk(weights).eval()).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.trunk = trunk.to(memory_format=self.memory_format)  # channels_last: oneDNN's and cuDNN's fast layout
 

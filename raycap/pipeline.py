@@ -300,15 +300,15 @@ def _shard_dataset(
 def _versions() -> dict[str, str]:
     import PIL
     import torch
-    import torchvision
 
     from raycap import __version__
+    from raycap.versions import installed_version
 
     return {
         "raycap": __version__,
         "ray": ray.__version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": installed_version("torchvision"),  # not imported on the driver
         "pyarrow": pa.__version__,
         "pillow": PIL.__version__,
         "python": os.sys.version.split()[0],

@@ -113,6 +113,8 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
     """
     import ray
 
+    # In the environment, not a runtime_env: the processes of an embedded Ray inherit it, and a job with a
+    # runtime_env gets no prestarted worker (each of its workers starts on demand, through the runtime env agent).
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     plain_worker_prefixes()
     quiet_ray()
@@ -126,7 +128,6 @@ def init_ray(address: str | None, dashboard: bool = True) -> None:
             include_dashboard=dashboard,
             log_to_driver=True,
             logging_level=logging.ERROR,  # no start-up chatter
-            runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
         )
         _embedded = True
     else:

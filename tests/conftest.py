@@ -9,6 +9,22 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def random_trunk_cache(tmp_path_factory):
+    """The random encoder's cache file (raycap.encoder.random_cache_path) in this session's own folder, not the
+    user's: built by the first test that needs it, read by every later command of the session."""
+    from raycap.encoder import CACHE_ENV
+
+    folder = str(tmp_path_factory.mktemp("cache"))
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = folder
+    yield folder
+    if saved is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = saved
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One embedded local Ray for every test that needs one (started on first use)."""

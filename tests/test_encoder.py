@@ -1,7 +1,10 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torchvision
+from safetensors.torch import save as save_safetensors
 
 from raycap import encoder
 from raycap.encoder import FeatureExtractor, autocast, preprocess, resolve_precision, select_precision
@@ -36,6 +39,44 @@ def test_random_encoder_is_deterministic_and_well_scaled(extractor):
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)  # another actor builds the same encoder
     assert torch.isfinite(a.half()).all()  # fits float16 storage
     assert a.min() >= 0  # Mixed_7c ends in ReLUs
+
+
+def test_random_trunk_cache_holds_the_built_bytes_and_a_bad_file_is_built_anew(tmp_path, monkeypatch):
+    """The cache file is the build's bytes, bit for bit (the demo's figures depend on them); a command that finds
+    it reads it; a file that is not whole is replaced by a build."""
+    monkeypatch.setenv(encoder.CACHE_ENV, str(tmp_path))
+    built = encoder._random_weights.__wrapped__()  # no file yet: built, then written
+    path = encoder.random_cache_path()
+    assert path.parent == tmp_path and path.read_bytes() == built.safetensors
+    assert encoder._build_random() == built.safetensors  # a second build gives the same bytes
+    monkeypatch.setattr(encoder, "_build_random", lambda: pytest.fail("built despite the cache file"))
+    assert encoder._random_weights.__wrapped__() == built
+    path.write_bytes(built.safetensors[:1000])  # cut short (by a full disk, or by hand)
+    stand_in = save_safetensors({"x": torch.zeros(1)})
+    monkeypatch.setattr(encoder, "_build_random", lambda: stand_in)
+    assert encoder._random_weights.__wrapped__().safetensors == stand_in == path.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_batchnorms_fold_as_torch_fx_fuse_does(extractor):
+    """The fold without tracing gives torch.fx's fused trunk's features bit for bit (the demo's figures depend
+    on them), and the trunk loaded onto the meta skeleton keeps no meta tensor."""
+    from torch.fx.experimental.optimization import fuse
+
+    traced = fuse(encoder._inception_trunk(encoder._random_weights()).eval())
+    assert not any(t.is_meta for t in [*extractor.trunk.parameters(), *extractor.trunk.buffers()])
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        expected = traced(preprocess(torch.from_numpy(pixels)).contiguous(memory_format=torch.channels_last))
+    assert torch.equal(extractor(pixels), expected.flatten(2).transpose(1, 2))
+
+
+def test_versions_are_read_without_importing(monkeypatch):
+    from raycap.versions import installed_version
+
+    for module in (torch, torchvision):
+        monkeypatch.delitem(sys.modules, module.__name__)  # as on a driver that never imported it
+        assert installed_version(module.__name__) == module.__version__  # with its build, e.g. +cu130
 
 
 def test_channels_last_and_batching_do_not_change_features(extractor):

@@ -76,7 +76,9 @@ def s3_data(s3_server, tiny_synth):
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_with_every_path_on_s3(ray_session, s3_data, s3_server, tmp_path, monkeypatch):
+def test_pipeline_end_to_end_with_every_path_on_s3(
+    ray_session, s3_data, s3_server, tmp_path, monkeypatch, random_trunk_cache
+):
     import ray
 
     fs, root = s3_data
@@ -149,7 +151,7 @@ def test_pipeline_end_to_end_with_every_path_on_s3(ray_session, s3_data, s3_serv
     assert metrics["images"] == 40 and 0 <= metrics["object_accuracy"] <= 1 and "CIDEr" in metrics
 
     assert os.listdir(workdir) == []
-    written = _new_files(marker, [ray_temp, str(marker)])
+    written = _new_files(marker, [ray_temp, str(marker), random_trunk_cache])  # a cache, not an output
     assert not written, "written to local disk:\n" + "\n".join(written[:40])
 
 
