@@ -42,6 +42,7 @@ bench: $(STAMP) ## the speed and memory benchmarks, each printing a ratio agains
 	$(BIN)/python bench/plan.py
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/train_scale.py
 	$(BIN)/python bench/caption.py
 
 gpu-bundle: $(STAMP) ## Ray + what the GPU machine lacks, for bench/gpu.py --bundle (cp312; PYVER=3.12, <= 40 MiB)
