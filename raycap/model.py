@@ -176,9 +176,14 @@ class Captioner(nn.Module):
         return grid[caption.unsqueeze(0) < counts.unsqueeze(1)]
 
     def _cell(
-        self, words: torch.Tensor, hidden: torch.Tensor, encoded: torch.Tensor, projected: torch.Tensor,
-        w_hidden: torch.Tensor, b_hidden: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        self,
+        words: torch.Tensor,
+        hidden: torch.Tensor,
+        encoded: torch.Tensor,
+        projected: torch.Tensor,
+        w_hidden: torch.Tensor,
+        b_hidden: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher-forced step: attention and nn.GRUCell's update, with the input word's part `words`
         (n, 3H) computed beforehand; W2·h and W_hh·h as one matmul. Returns the new state (n, H) and alpha (n, 64)."""
         E, U = self.config.embedding_dim, self.attention.W2.out_features
