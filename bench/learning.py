@@ -19,6 +19,9 @@ import sys
 import time
 
 from raycap import cli, demo
+from raycap.encoder import cpu_description
+
+TARGET_ACCURACY, TARGET_GROUNDING, TARGET_SPREAD = 0.80, 2.5, 0.05  # what every seed of the demo recipe must reach
 
 
 def _run(name: str, *command: str) -> float:
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {seed} | {acc:.3f} | {ground:.2f}× | {bleu:.3f} | {cider:.3f} | {seconds:.0f} |")
     accs, grounds = [r[1] for r in rows], [r[2] for r in rows]
     print(f"| spread | {max(accs) - min(accs):.3f} | {max(grounds) - min(grounds):.2f} | | | |")
+    held = min(accs) >= TARGET_ACCURACY and min(grounds) >= TARGET_GROUNDING and max(accs) - min(accs) <= TARGET_SPREAD
+    print(f"CPU: {cpu_description()}; target (accuracy >= {TARGET_ACCURACY}, grounding >= {TARGET_GROUNDING}x, ")
+    print(f"accuracy spread <= {TARGET_SPREAD}): {'met' if held else 'NOT met'}")
     return 0
 
 
