@@ -23,7 +23,7 @@ from raycap.config import TrainConfig
 from raycap.encoder import autocast, resolve_precision
 from raycap.ingest import caption_batch
 from raycap.metrics import caption_scores
-from raycap.model import Captioner, ModelConfig, caption_loss, greedy_search
+from raycap.model import Captioner, ModelConfig, adam, caption_loss, greedy_search
 from raycap.pieces import Piece, WorkerFeatures, feature_array, read_piece, training_rows
 from raycap.text import Vocabulary
 from raycap.trainset import CAPTIONS, ValImage
@@ -177,7 +177,7 @@ def build_model_and_optimizer(
         model.load_state_dict(modeldir.load_model_dir(cfg.init_from, cfg.storage_options).model.state_dict())
     placed = place(model)
     core: Captioner = placed.module if hasattr(placed, "module") else placed
-    optimizer = torch.optim.Adam(placed.parameters(), lr=cfg.settings.learning_rate)
+    optimizer = adam(placed.parameters(), cfg.settings.learning_rate)
     if checkpoint:
         modeldir.load_optimizer(optimizer, checkpoint.optimizer)
     return placed, core, optimizer
