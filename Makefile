@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) ## synth -> extract -> train -> caption -> evaluate -> show on an embedded Ray (~10 min on 2 cores)
 	$(BIN)/python -m raycap.demo --output $(DEMO)
 
-test: lint ## lint, then the whole suite (about 11 min on 2 cores, 12.5 with the venv; the browser test skips without chromium)
+test: lint ## lint, then the whole suite (about 13 min on 2 cores, 15 with the venv; the browser test skips without chromium)
 	$(BIN)/pytest -q --durations=10
 
 test-fast: lint ## unit tests and the quick Ray integration tests: no slow or multi-node tests (under 3 min on 2 cores)
