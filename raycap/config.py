@@ -156,7 +156,7 @@ class TrainConfig:
     init_state: bool = False  # GRU state starts from the mean region (Show, Attend and Tell); False = tutorial
     vocab_size: int = 5000  # top-k words incl. specials
     max_caption_length: int = 30  # words per training caption at most (longer ones are cut)
-    max_captions: int | None = None  # keep at most this many captions (seeded), the tutorial's subset
+    max_captions: int | None = None  # keep a seeded share of about this many captions (the tutorial's subset)
     embedding_dim: int = 256  # E
     units: int = 512  # H
     cache_gb: float = 0.0  # >0: a worker keeps its share in memory after epoch 0 if it fits (0: stream each epoch)
